@@ -1,0 +1,483 @@
+"""Build catalog entities (tracks, artists, albums) from the bundled music data.
+
+Consumes ``shared/data/music`` (three Spotify-derived sources merged on ``track_id``, plus
+Last.fm tags and listening counts); produces plain dict documents matching
+``mappings/catalog.v1.json`` (no embeddings yet: :mod:`orchestrator.ingest` adds them) and
+a :class:`BuildReport` of what was skipped and why. Bad rows are counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import logging
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import IngestError
+from .text import fold, normalize_query
+
+logger = logging.getLogger(__name__)
+
+AUDIO_FEATURES = (
+    "danceability", "energy", "valence", "tempo", "acousticness",
+    "instrumentalness", "speechiness", "liveness", "loudness",
+)
+
+
+@dataclass
+class BuildReport:
+    rows_read: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    warnings: Counter[str] = field(default_factory=Counter)
+    entities: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {k: dict(getattr(self, k)) for k in ("rows_read", "skipped", "warnings", "entities")}
+
+
+def _num(value: str | None, report: BuildReport, what: str) -> float | None:
+    if value is None or value.strip() == "":
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        report.warnings[f"unparsable {what}"] += 1
+        return None
+    if math.isnan(v) or math.isinf(v):
+        report.warnings[f"non-finite {what}"] += 1
+        return None
+    return v
+
+
+def _year(date: str | None) -> int | None:
+    if date and len(date) >= 4 and date[:4].isdigit():
+        y = int(date[:4])
+        return y if 1900 <= y <= 2030 else None
+    return None
+
+
+def era_of(year: int | None) -> str | None:
+    return f"{year // 10 * 10}s" if year else None
+
+
+def moods_of(audio: dict[str, float]) -> list[str]:
+    """Mood tags from audio features (Spotify's valence/energy plane plus a few extremes)."""
+    v, e = audio.get("valence"), audio.get("energy")
+    moods: list[str] = []
+    if v is not None and e is not None:
+        if v >= 0.6 and e >= 0.6:
+            moods += ["happy", "upbeat"]
+        elif v >= 0.6:
+            moods += ["happy", "chill"]
+        elif v < 0.35 and e >= 0.7:
+            moods += ["intense", "angry"]
+        elif v < 0.35 and e < 0.5:
+            moods += ["sad", "melancholic"]
+        elif e < 0.4:
+            moods += ["chill", "calm"]
+        if e >= 0.8:
+            moods.append("energetic")
+    if (audio.get("danceability") or 0) >= 0.75:
+        moods += ["dance", "party"]
+    if (audio.get("acousticness") or 0) >= 0.8:
+        moods.append("acoustic")
+    if (audio.get("instrumentalness") or 0) >= 0.6:
+        moods.append("instrumental")
+    if e is not None and e < 0.25 and (audio.get("tempo") or 200) < 100:
+        moods.append("sleep")
+    return sorted(set(moods))
+
+
+def _bucket(value: float | None, cuts: tuple[float, float]) -> str | None:
+    if value is None:
+        return None
+    return "low" if value < cuts[0] else ("medium" if value < cuts[1] else "high")
+
+
+def _tempo_bucket(tempo: float | None) -> str | None:
+    if not tempo:
+        return None
+    return "slow" if tempo < 90 else ("medium" if tempo < 125 else "fast")
+
+
+def _parse_genre_list(text: str | None, report: BuildReport) -> list[str]:
+    if not text or text.strip() in ("", "[]"):
+        return []
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        report.warnings["unparsable artist_genres"] += 1
+        return []
+    return [str(g).strip().lower() for g in value if str(g).strip()] if isinstance(value, (list, tuple)) else []
+
+
+def _stable_id(*parts: str) -> str:
+    return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+class _Track:
+    __slots__ = (
+        "track_id", "title", "artists", "album", "popularity", "duration_ms", "explicit",
+        "audio", "genres", "release_date", "artist_genres", "artist_popularity",
+        "artist_followers", "playlists",
+    )
+
+    def __init__(self, track_id: str) -> None:
+        self.track_id = track_id
+        self.title: str | None = None
+        self.artists: list[str] = []
+        self.album: str | None = None
+        self.popularity: float | None = None
+        self.duration_ms: float | None = None
+        self.explicit: bool | None = None
+        self.audio: dict[str, float] = {}
+        self.genres: set[str] = set()
+        self.release_date: str | None = None
+        self.artist_genres: set[str] = set()
+        self.artist_popularity: float | None = None
+        self.artist_followers: float | None = None
+        self.playlists: set[str] = set()
+
+    def merge(self, *, title: str | None, artists: list[str], album: str | None,
+              popularity: float | None, duration_ms: float | None, explicit: bool | None,
+              audio: dict[str, float], release_date: str | None) -> None:
+        # First non-empty value wins for text; the highest popularity wins (sources differ in date).
+        self.title = self.title or title
+        self.artists = self.artists or artists
+        self.album = self.album or album
+        if popularity is not None:
+            self.popularity = max(self.popularity or 0.0, popularity)
+        self.duration_ms = self.duration_ms or duration_ms
+        self.explicit = self.explicit if self.explicit is not None else explicit
+        for k, v in audio.items():
+            self.audio.setdefault(k, v)
+        self.release_date = self.release_date or release_date
+
+
+def _read_csv(path: Path) -> Iterator[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        yield from csv.DictReader(fh)
+
+
+def _audio(row: dict[str, str], report: BuildReport) -> dict[str, float]:
+    out = {}
+    for k in AUDIO_FEATURES:
+        v = _num(row.get(k), report, k)
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def _bool(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    return {"true": True, "false": False}.get(value.strip().lower())
+
+
+class CatalogBuilder:
+    """Merge the sources and yield entity documents.
+
+    Parameters
+    ----------
+    data_dir:
+        The ``music`` folder of the shared data.
+    track_filter:
+        Optional predicate on the merged track (used by tests to index a slice).
+    """
+
+    def __init__(self, data_dir: Path, *, genres: set[str] | None = None, limit: int | None = None) -> None:
+        if not (data_dir / "spotify-tracks-114k").is_dir():
+            raise IngestError(f"no music data under {data_dir} (expected spotify-tracks-114k/ there)")
+        self.data_dir = data_dir
+        self.genres = genres
+        self.limit = limit
+        self.report = BuildReport()
+
+    # -- reading ---------------------------------------------------------------------------
+    def _tracks(self) -> dict[str, _Track]:
+        rep, tracks = self.report, {}
+
+        def get(tid: str) -> _Track:
+            t = tracks.get(tid)
+            if t is None:
+                t = tracks[tid] = _Track(tid)
+            return t
+
+        def valid(row: dict[str, str], title_key: str, source: str) -> bool:
+            rep.rows_read[source] += 1
+            if not (row.get("track_id") or "").strip():
+                rep.skipped[f"{source}: missing track_id"] += 1
+                return False
+            if not (row.get(title_key) or "").strip():
+                rep.skipped[f"{source}: missing track name"] += 1
+                return False
+            return True
+
+        for path in sorted((self.data_dir / "spotify-tracks-114k").glob("*.csv")):
+            for row in _read_csv(path):
+                if not valid(row, "track_name", "spotify-tracks-114k"):
+                    continue
+                t = get(row["track_id"])
+                t.merge(
+                    title=row["track_name"].strip(),
+                    artists=[a.strip() for a in (row.get("artists") or "").split(";") if a.strip()],
+                    album=(row.get("album_name") or "").strip() or None,
+                    popularity=_num(row.get("popularity"), rep, "popularity"),
+                    duration_ms=_num(row.get("duration_ms"), rep, "duration_ms"),
+                    explicit=_bool(row.get("explicit")),
+                    audio=_audio(row, rep),
+                    release_date=None,
+                )
+                if row.get("track_genre"):
+                    t.genres.add(row["track_genre"].strip().lower())
+
+        for path in sorted((self.data_dir / "spotify-api-2024").glob("*.csv")):
+            file_genre = path.stem.strip().lower()
+            for row in _read_csv(path):
+                if not valid(row, "track_name", "spotify-api-2024"):
+                    continue
+                t = get(row["track_id"])
+                t.merge(
+                    title=row["track_name"].strip(),
+                    artists=[row["artist_name"].strip()] if (row.get("artist_name") or "").strip() else [],
+                    album=(row.get("album_name") or "").strip() or None,
+                    popularity=_num(row.get("popularity"), rep, "popularity"),
+                    duration_ms=_num(row.get("duration_ms"), rep, "duration_ms"),
+                    explicit=_bool(row.get("explicit")),
+                    audio=_audio(row, rep),
+                    release_date=(row.get("release_date") or "").strip() or None,
+                )
+                t.genres.add(file_genre)
+                t.artist_genres.update(_parse_genre_list(row.get("artist_genres"), rep))
+                ap = _num(row.get("artist_popularity"), rep, "artist_popularity")
+                af = _num(row.get("artist_followers"), rep, "artist_followers")
+                t.artist_popularity = ap if ap is not None else t.artist_popularity
+                t.artist_followers = af if af is not None else t.artist_followers
+
+        for name in ("playlists_dev.csv", "playlist_tracks_extra.csv"):
+            path = self.data_dir / name
+            if not path.exists():
+                rep.warnings[f"missing file {name}"] += 1
+                continue
+            for row in _read_csv(path):
+                if not valid(row, "track_name", name):
+                    continue
+                t = get(row["track_id"])
+                t.merge(
+                    title=row["track_name"].strip(),
+                    artists=[row["track_artist"].strip()] if (row.get("track_artist") or "").strip() else [],
+                    album=(row.get("track_album_name") or "").strip() or None,
+                    popularity=_num(row.get("track_popularity"), rep, "popularity"),
+                    duration_ms=_num(row.get("duration_ms"), rep, "duration_ms"),
+                    explicit=None,
+                    audio=_audio(row, rep),
+                    release_date=(row.get("track_album_release_date") or "").strip() or None,
+                )
+                for k in ("playlist_genre", "playlist_subgenre"):
+                    if (row.get(k) or "").strip():
+                        t.genres.add(row[k].strip().lower())
+                if (row.get("playlist_name") or "").strip():
+                    t.playlists.add(row["playlist_name"].strip())
+        return tracks
+
+    def _lastfm(self) -> tuple[dict[str, list[str]], dict[str, int]]:
+        """Artist (folded name) -> top Last.fm tags, and -> total listening count."""
+        folder = self.data_dir / "lastfm-hetrec2011"
+        if not folder.is_dir():
+            self.report.warnings["lastfm data missing"] += 1
+            return {}, {}
+
+        def rows(name: str, encoding: str = "utf-8") -> Iterator[list[str]]:
+            with (folder / name).open(encoding=encoding, errors="replace", newline="") as fh:
+                next(fh, None)
+                for line in fh:
+                    parts = line.rstrip("\r\n").split("\t")
+                    if len(parts) >= 2:
+                        yield parts
+
+        names = {p[0]: fold(p[1]).strip() for p in rows("artists.dat")}
+        tag_names = {p[0]: p[1].strip().lower() for p in rows("tags.dat", "latin-1")}
+        tag_counts: dict[str, Counter[str]] = defaultdict(Counter)
+        for p in rows("user_taggedartists.dat"):
+            if p[1] in names and p[2] in tag_names:
+                tag_counts[names[p[1]]][tag_names[p[2]]] += 1
+        listens: Counter[str] = Counter()
+        for p in rows("user_artists.dat"):
+            if p[1] in names and len(p) > 2 and p[2].isdigit():
+                listens[names[p[1]]] += int(p[2])
+        top = {a: [t for t, n in c.most_common(8) if n >= 2] for a, c in tag_counts.items()}
+        return top, dict(listens)
+
+    # -- building --------------------------------------------------------------------------
+    def build(self) -> Iterator[dict[str, Any]]:
+        """Yield tracks, then albums, then artists."""
+        tracks = self._tracks()
+        lastfm_tags, lastfm_listens = self._lastfm()
+        # Fine artist tags are known per artist name in one source; spread them to all tracks.
+        artist_fine: dict[str, set[str]] = defaultdict(set)
+        artist_pop: dict[str, tuple[float | None, float | None]] = {}
+        for t in tracks.values():
+            if t.artists and t.artist_genres:
+                artist_fine[fold(t.artists[0])].update(t.artist_genres)
+            if t.artists and t.artist_popularity is not None:
+                artist_pop[fold(t.artists[0])] = (t.artist_popularity, t.artist_followers)
+
+        albums: dict[str, dict[str, Any]] = {}
+        artists: dict[str, dict[str, Any]] = {}
+        emitted = 0
+        for t in tracks.values():
+            if not t.artists:
+                self.report.skipped["track without artist"] += 1
+                continue
+            if self.genres is not None and not (t.genres & self.genres):
+                continue
+            if self.limit is not None and emitted >= self.limit:
+                break
+            emitted += 1
+            key = fold(t.artists[0])
+            fine = set(t.artist_genres) | artist_fine.get(key, set()) | set(lastfm_tags.get(key, []))
+            year = _year(t.release_date)
+            doc = self._entity(
+                "track", t.track_id, title=t.title or "", artists=t.artists, album=t.album,
+                genres=sorted(t.genres), artist_genres=sorted(fine), audio=t.audio, year=year,
+                popularity=t.popularity or 0.0, explicit=t.explicit, duration_ms=t.duration_ms,
+                artist_popularity=artist_pop.get(key, (None, None))[0],
+                artist_followers=artist_pop.get(key, (None, None))[1],
+                listeners=lastfm_listens.get(key), track_count=None,
+                playlists=sorted(t.playlists),
+            )
+            yield doc
+            self._accumulate(albums, artists, t, doc)
+
+        for a in albums.values():
+            yield self._finish_group("album", a, lastfm_listens)
+        for a in artists.values():
+            yield self._finish_group("artist", a, lastfm_listens)
+
+    def _accumulate(self, albums: dict[str, dict[str, Any]], artists: dict[str, dict[str, Any]],
+                    t: _Track, doc: dict[str, Any]) -> None:
+        primary = t.artists[0]
+        groups: list[tuple[dict[str, dict[str, Any]], str, str, str | None]] = []
+        if t.album:
+            groups.append((albums, _stable_id(fold(primary), fold(t.album)), t.album, primary))
+        for name in t.artists:
+            groups.append((artists, _stable_id(fold(name)), name, None))
+        for store, gid, title, artist in groups:
+            g = store.get(gid)
+            if g is None:
+                g = store[gid] = {
+                    "id": gid, "title": title, "artist": artist, "n": 0, "pop": 0.0,
+                    "genres": Counter(), "fine": set(), "years": [], "audio": defaultdict(list),
+                    "explicit": False, "ap": doc.get("artist_popularity"),
+                    "af": doc.get("artist_followers"),
+                }
+            g["n"] += 1
+            g["pop"] = max(g["pop"], doc["popularity"])
+            g["genres"].update(doc.get("genres", ()))
+            if artist is not None or fold(title) == fold(primary):
+                g["fine"].update(doc.get("artist_genres", ()))
+            if doc.get("release_year"):
+                g["years"].append(doc["release_year"])
+            for k, v in t.audio.items():
+                g["audio"][k].append(v)
+            g["explicit"] = g["explicit"] or bool(t.explicit)
+
+    def _finish_group(self, kind: str, g: dict[str, Any], listens: dict[str, int]) -> dict[str, Any]:
+        audio = {k: sum(v) / len(v) for k, v in g["audio"].items() if v}
+        year = min(g["years"]) if g["years"] else None
+        name = g["title"]
+        is_artist = kind == "artist"
+        pop = g["ap"] if is_artist and g["ap"] is not None else g["pop"]
+        return self._entity(
+            kind, g["id"], title=name, artists=[name] if is_artist else [g["artist"]],
+            album=name if kind == "album" else None,
+            genres=[x for x, _ in g["genres"].most_common(10)], artist_genres=sorted(g["fine"]),
+            audio=audio, year=year, popularity=float(pop), explicit=g["explicit"],
+            duration_ms=None, artist_popularity=g["ap"], artist_followers=g["af"],
+            listeners=listens.get(fold(name if is_artist else g["artist"])),
+            track_count=g["n"], playlists=[],
+        )
+
+    def _entity(self, kind: str, eid: str, *, title: str, artists: list[str], album: str | None,
+                genres: list[str], artist_genres: list[str], audio: dict[str, float],
+                year: int | None, popularity: float, explicit: bool | None,
+                duration_ms: float | None, artist_popularity: float | None,
+                artist_followers: float | None, listeners: int | None,
+                track_count: int | None, playlists: list[str]) -> dict[str, Any]:
+        self.report.entities[kind] += 1
+        doc: dict[str, Any] = {
+            "entity_type": kind,
+            "entity_id": eid,
+            "title": title,
+            "artist": artists,
+            "album": album,
+            "folded": " ".join(fold(x) for x in [title, *artists, album or ""] if x),
+            "genres": genres,
+            "artist_genres": artist_genres[:40],
+            "moods": moods_of(audio),
+            "energy": _bucket(audio.get("energy"), (0.4, 0.7)),
+            "danceability": _bucket(audio.get("danceability"), (0.45, 0.7)),
+            "tempo": _tempo_bucket(audio.get("tempo")),
+            "era": era_of(year),
+            "release_year": year,
+            "popularity": round(popularity, 2),
+            "artist_popularity": artist_popularity,
+            "artist_followers": int(artist_followers) if artist_followers is not None else None,
+            "listeners": listeners,
+            "explicit": explicit,
+            "duration_ms": int(duration_ms) if duration_ms else None,
+            "track_count": track_count,
+            "playlists": playlists[:20],
+            "audio": {k: round(v, 4) for k, v in audio.items()},
+        }
+        doc["q2e"] = predicted_queries(doc)
+        return {k: v for k, v in doc.items() if v is not None and v != []}
+
+
+def doc_id(doc: dict[str, Any]) -> str:
+    return f"{doc['entity_type']}:{doc['entity_id']}"
+
+
+def embedding_text(doc: dict[str, Any]) -> str:
+    """What the encoder sees for an entity: names, type, genres and moods."""
+    parts = [doc.get("title", ""), " ".join(doc.get("artist", [])), doc.get("album", "") or "",
+             doc["entity_type"], " ".join(doc.get("genres", [])[:5]),
+             " ".join(doc.get("artist_genres", [])[:5]), " ".join(doc.get("moods", []))]
+    return " ".join(p for p in parts if p)
+
+
+def predicted_queries(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Cold-start Q2E pairs: the queries a user would likely type to find this entity, each
+    with a predicted score in [0, 1] (popularity-weighted: of two equal titles, the more
+    popular one is the likelier target). Click statistics replace these later."""
+    pop = min(max(doc.get("popularity", 0.0), 0.0), 100.0) / 100.0
+    title = normalize_query(doc.get("title", ""))
+    artist = normalize_query(doc["artist"][0]) if doc.get("artist") else ""
+    out: dict[str, float] = {}
+    kind = doc["entity_type"]
+    if kind == "track":
+        if title and artist:
+            out[f"{artist} {title}"] = 0.6 + 0.4 * pop
+            out[f"{title} {artist}"] = 0.55 + 0.4 * pop
+        if title:
+            out[title] = 0.3 + 0.6 * pop
+    elif kind == "artist":
+        if title:
+            out[title] = 0.7 + 0.3 * pop
+            out[f"{title} songs"] = 0.6 + 0.3 * pop
+    elif kind == "album":
+        if title:
+            out[title] = 0.35 + 0.5 * pop
+            out[f"{title} album"] = 0.5 + 0.4 * pop
+        if title and artist:
+            out[f"{artist} {title}"] = 0.5 + 0.4 * pop
+    return [
+        {"query_key": k, "score": round(v, 4), "source": "predicted"}
+        for k, v in out.items() if k and len(k) <= 200
+    ]

@@ -1,0 +1,183 @@
+"""``ltrr``: the command line (services, index, templates, search)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import OrchestratorError
+from .settings import PROJECT_ROOT, OrchestratorSettings
+
+app = typer.Typer(help="Learning-to-rank-and-retrieve orchestrator for Elasticsearch.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+templates_app = typer.Typer(help="Arm templates in query_templates/.", no_args_is_help=True)
+app.add_typer(templates_app, name="templates")
+
+
+def _settings() -> OrchestratorSettings:
+    return OrchestratorSettings()
+
+
+def _es(settings: OrchestratorSettings):  # type: ignore[no-untyped-def]
+    from .es_client import build_client, check_available
+
+    client = build_client(settings.es)
+    check_available(client, settings.es.url)
+    return client
+
+
+@app.command()
+def services(action: Annotated[str, typer.Argument(help="up | down | status")] = "status") -> None:
+    """Start, stop or check the local Elasticsearch node and Redis (scripts/services)."""
+    script = PROJECT_ROOT / "scripts" / "services"
+    raise typer.Exit(subprocess.call(["bash", str(script), action]))
+
+
+@app.command()
+def index(
+    limit: Annotated[Optional[int], typer.Option(help="Index at most this many tracks.")] = None,
+    genre: Annotated[Optional[list[str]], typer.Option(help="Only tracks of these genres (repeatable).")] = None,
+    alias: Annotated[Optional[str], typer.Option(help="Alias to load (default: es.catalog_alias).")] = None,
+    embeddings: Annotated[bool, typer.Option(help="Compute dense vectors for the kNN arm.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Build the catalog from the bundled music data and load it (zero-downtime alias swap)."""
+    from .catalog import CatalogBuilder
+    from .embeddings import get_encoder
+    from .ingest import CatalogIndexer
+
+    s = _settings()
+    client = _es(s)
+    builder = CatalogBuilder(s.ingest.data_dir, genres=set(genre) if genre else None, limit=limit)
+    indexer = CatalogIndexer(
+        client, alias=alias or s.es.catalog_alias, mappings_dir=s.ingest.mappings_dir,
+        encoder=get_encoder(s.embedding) if embeddings else None,
+        chunk_size=s.ingest.chunk_size, thread_count=s.ingest.thread_count,
+        embed_batch=s.embedding.batch_size, keep_old_indices=s.ingest.keep_old_indices,
+    )
+    summary = indexer.run(builder, progress=progress)
+    d = summary.as_dict()
+    typer.echo(f"indexed {d['indexed']} documents into {d['index']} in {d['seconds']} s "
+               f"({d['docs_per_s']} docs/s; embeddings {d['embed_seconds']} s)")
+    typer.echo(f"entities: {d['build_report']['entities']}")
+    typer.echo(f"rows read: {d['build_report']['rows_read']}")
+    typer.echo(f"skipped rows: {d['build_report']['skipped'] or 'none'}")
+    if d["build_report"]["warnings"]:
+        typer.echo(f"warnings: {d['build_report']['warnings']}")
+    typer.echo(f"rejected by Elasticsearch: {d['failed'] or 'none'}")
+    typer.echo(f"alias {d['alias']} -> {d['index']} (was {d['swapped_from'] or 'unset'}; "
+               f"deleted {d['deleted'] or 'nothing'})")
+
+
+@templates_app.command("list")
+def templates_list() -> None:
+    """List the arm templates and their parameters."""
+    from .templates import TemplateRegistry
+
+    reg = TemplateRegistry.from_dir(_settings().templates.dir)
+    for t in reg.by_id.values():
+        params = ", ".join(f"{p.name}:{p.type}" for p in t.params)
+        typer.echo(f"{t.id:24} {t.meta.get('description', '')}\n{'':24} params: {params}")
+
+
+@templates_app.command("push")
+def templates_push() -> None:
+    """Store the templates as stored search templates (needs lang-mustache on the cluster)."""
+    from .templates import TemplateRegistry, push_templates
+
+    s = _settings()
+    result = push_templates(_es(s), TemplateRegistry.from_dir(s.templates.dir))
+    for tid, status in result.items():
+        typer.echo(f"{tid}: {status}")
+
+
+@templates_app.command("render")
+def templates_render(
+    template: str,
+    query: str,
+    size: Annotated[int, typer.Option()] = 10,
+) -> None:
+    """Print the query a template renders for QUERY (no cluster needed)."""
+    from .arms import base_params, build_request, validate_query
+    from .templates import TemplateRegistry
+
+    s = _settings()
+    t = TemplateRegistry.from_dir(s.templates.dir).get(template)
+    q = validate_query(query, max_chars=s.limits.max_query_chars)
+    req = build_request(t, base_params(q, size=size))
+    typer.echo(json.dumps(t.render(req.params, max_bytes=s.limits.max_param_bytes), indent=2))
+
+
+@app.command()
+def search(
+    query: str,
+    arm: Annotated[Optional[list[str]], typer.Option(help="Arm(s) to run (default: all).")] = None,
+    size: Annotated[int, typer.Option(help="Hits per arm.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Run arms for QUERY in one _msearch and print a table per arm."""
+    from .arms import base_params, build_request, validate_query
+    from .execution import MultiSearch
+    from .templates import TemplateRegistry
+
+    s = _settings()
+    client = _es(s)
+    reg = TemplateRegistry.from_dir(s.templates.dir)
+    q = validate_query(query, max_chars=s.limits.max_query_chars)
+    arms = [reg.get(a) for a in arm] if arm else list(reg)
+    avail = base_params(q, size=size)
+    if any(any(p.name == "query_vector" for p in t.params) for t in arms):
+        from .embeddings import get_encoder
+
+        avail["query_vector"] = get_encoder(s.embedding).encode([q])[0].tolist()
+    reqs = [build_request(t, avail) for t in arms]
+    ms = MultiSearch(client, index=s.es.catalog_alias, registry=reg,
+                     max_param_bytes=s.limits.max_param_bytes)
+    results = ms.execute(reqs)
+    if as_json:
+        typer.echo(json.dumps([
+            {"arm": r.arm, "error": r.reason} if not r.ok else
+            {"arm": r.arm, "took_ms": r.took_ms,
+             "hits": [{"id": h.id, "score": h.score, "title": h.source.get("title"),
+                       "artist": h.source.get("artist")} for h in r.hits]}
+            for r in results], indent=2))
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    for r in results:
+        if not r.ok:
+            console.print(f"[red]arm {r.arm} failed[/red]: {escape(r.reason)}")
+            continue
+        table = Table(title=f"{r.arm} ({r.template_id}, {r.took_ms} ms)")
+        for col in ("#", "score", "type", "title", "artist", "popularity"):
+            table.add_column(col)
+        for h in r.hits:
+            src = h.source
+            table.add_row(str(h.rank), f"{h.score:.2f}", src.get("entity_type", ""),
+                          str(src.get("title", "")), ", ".join(src.get("artist", [])),
+                          str(src.get("popularity", "")))
+        console.print(table)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("LTRR_LOG_LEVEL", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except OrchestratorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Errors raised by the orchestrator, one tree so callers can catch what they mean.
+
+::
+
+    OrchestratorError
+     ├── ConfigurationError
+     ├── ServiceUnavailableError        (Elasticsearch or Redis unreachable; says what to run)
+     ├── TemplateError
+     │    ├── TemplateNotFoundError     (also a KeyError)
+     │    ├── TemplateSyntaxError
+     │    └── TemplateParamsError       (also a ValueError: bad or oversized parameters)
+     ├── QueryValidationError           (also a ValueError: empty / oversized / malformed query)
+     ├── ArmExecutionError              (one arm failed inside an _msearch)
+     └── IngestError
+
+Every error that carries data pickles (``__reduce__``) because Celery moves them between
+processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrchestratorError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigurationError(OrchestratorError):
+    pass
+
+
+class ServiceUnavailableError(OrchestratorError):
+    """A backing service is down. ``str(err)`` is a one-line message naming the fix."""
+
+    def __init__(self, service: str, url: str, hint: str = "scripts/services up") -> None:
+        self.service, self.url, self.hint = service, url, hint
+        super().__init__(f"{service} is not reachable at {url}; start it with: {hint}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service, self.url, self.hint))
+
+
+class TemplateError(OrchestratorError):
+    pass
+
+
+class TemplateNotFoundError(KeyError, TemplateError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name, self.known = name, known
+        super().__init__(f"Unknown template {name!r}. Known templates: {sorted(known)}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.known))
+
+
+class TemplateSyntaxError(TemplateError):
+    pass
+
+
+class TemplateParamsError(ValueError, TemplateError):
+    pass
+
+
+class QueryValidationError(ValueError, OrchestratorError):
+    pass
+
+
+class ArmExecutionError(OrchestratorError):
+    def __init__(self, arm: str, status: int | None, reason: str) -> None:
+        self.arm, self.status, self.reason = arm, status, reason
+        super().__init__(f"arm {arm!r} failed (status {status}): {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.arm, self.status, self.reason))
+
+
+class IngestError(OrchestratorError):
+    pass

@@ -1,0 +1,199 @@
+"""Bulk-load the catalog into a fresh versioned index and swap the alias to it.
+
+Consumes entity documents from :class:`orchestrator.catalog.CatalogBuilder`, adds
+embeddings, writes them with ``elasticsearch.helpers.parallel_bulk`` into
+``<alias>-v<schema>-<timestamp>``, then moves the alias atomically (zero downtime: readers see
+the old index until the new one is complete). Re-running is safe; a failed run leaves the
+alias where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from elasticsearch import Elasticsearch, NotFoundError, helpers
+
+from .catalog import CatalogBuilder, doc_id, embedding_text
+from .embeddings import Encoder
+from .errors import IngestError
+
+logger = logging.getLogger(__name__)
+
+
+def load_mapping(mappings_dir: Path, name: str, *, dims: int | None = None) -> dict[str, Any]:
+    """Read ``mappings/<name>.json`` without its ``_comment`` keys; set the vector dims."""
+    body = json.loads((mappings_dir / f"{name}.json").read_text(encoding="utf-8"))
+    body.pop("_comment", None)
+    if dims is not None and "embedding" in body["mappings"]["properties"]:
+        body["mappings"]["properties"]["embedding"]["dims"] = dims
+    return body
+
+
+@dataclass
+class IngestSummary:
+    index: str
+    alias: str
+    indexed: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    build_report: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    swapped_from: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.indexed / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "alias": self.alias, "indexed": self.indexed,
+            "failed": dict(self.failed), "build_report": self.build_report,
+            "seconds": round(self.seconds, 2), "embed_seconds": round(self.embed_seconds, 2),
+            "docs_per_s": round(self.docs_per_s, 1), "swapped_from": self.swapped_from,
+            "deleted": self.deleted,
+        }
+
+
+class CatalogIndexer:
+    """Index a catalog behind ``alias``.
+
+    Parameters
+    ----------
+    client:
+        The Elasticsearch client (built by :func:`orchestrator.es_client.build_client`).
+    alias:
+        The alias readers use (``ltrr-catalog``).
+    encoder:
+        The text encoder, or ``None`` to index without vectors (the kNN arm then finds nothing).
+    """
+
+    def __init__(self, client: Elasticsearch, *, alias: str, mappings_dir: Path,
+                 encoder: Encoder | None, chunk_size: int = 500, thread_count: int = 2,
+                 embed_batch: int = 2048, keep_old_indices: int = 1,
+                 max_failure_ratio: float = 0.01) -> None:
+        self.client = client
+        self.alias = alias
+        self.mappings_dir = mappings_dir
+        self.encoder = encoder
+        self.chunk_size = chunk_size
+        self.thread_count = thread_count
+        self.embed_batch = embed_batch
+        self.keep_old_indices = keep_old_indices
+        self.max_failure_ratio = max_failure_ratio
+
+    def _actions(self, docs: Iterable[dict[str, Any]], index: str, summary: IngestSummary,
+                 progress: Any) -> Iterator[dict[str, Any]]:
+        now = datetime.now(timezone.utc).isoformat()
+        batch: list[dict[str, Any]] = []
+
+        def flush() -> Iterator[dict[str, Any]]:
+            if self.encoder is not None:
+                t = time.perf_counter()
+                vecs = self.encoder.encode([embedding_text(d) for d in batch])
+                summary.embed_seconds += time.perf_counter() - t
+                for d, v in zip(batch, vecs):
+                    d["embedding"] = v.tolist()
+            for d in batch:
+                d["indexed_at"] = now
+                d["exposure"] = 0
+                yield {"_op_type": "index", "_index": index, "_id": doc_id(d), "_source": d}
+            if progress is not None:
+                progress.update(len(batch))
+            batch.clear()
+
+        for d in docs:
+            batch.append(d)
+            if len(batch) >= self.embed_batch:
+                yield from flush()
+        if batch:
+            yield from flush()
+
+    def run(self, builder: CatalogBuilder, *, progress: bool = True) -> IngestSummary:
+        schema = load_mapping(self.mappings_dir, "catalog.v1",
+                              dims=self.encoder.dim if self.encoder else None)
+        if self.encoder is None:
+            schema["mappings"]["properties"].pop("embedding", None)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S%f")
+        index = f"{self.alias}-v{schema['mappings']['_meta']['version']}-{stamp}"
+        summary = IngestSummary(index=index, alias=self.alias)
+        t0 = time.perf_counter()
+        self.client.indices.create(index=index, settings=schema["settings"],
+                                   mappings=schema["mappings"])
+        # No refreshes while loading: one at the end is much cheaper.
+        self.client.indices.put_settings(index=index, settings={"index.refresh_interval": "-1"})
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"indexing {index}", unit="doc", mininterval=1.0)
+        try:
+            for ok, info in helpers.parallel_bulk(
+                self.client, self._actions(builder.build(), index, summary, bar),
+                thread_count=self.thread_count, chunk_size=self.chunk_size,
+                raise_on_error=False, raise_on_exception=False, request_timeout=120,
+            ):
+                if ok:
+                    summary.indexed += 1
+                else:
+                    item = next(iter(info.values()))
+                    err = item.get("error", {})
+                    reason = err.get("type", "error") if isinstance(err, dict) else str(err)
+                    summary.failed[reason] += 1
+                    if sum(summary.failed.values()) <= 5:
+                        logger.warning("document %s rejected: %s", item.get("_id"), err)
+        except BaseException:
+            self._drop(index)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        summary.build_report = builder.report.as_dict()
+        self.client.indices.put_settings(index=index, settings={"index.refresh_interval": "1s"})
+        self.client.indices.refresh(index=index)
+        total = summary.indexed + sum(summary.failed.values())
+        if total == 0 or sum(summary.failed.values()) > self.max_failure_ratio * total:
+            self._drop(index)
+            raise IngestError(
+                f"{sum(summary.failed.values())} of {total} documents were rejected "
+                f"({dict(summary.failed)}); the alias {self.alias!r} was left unchanged"
+            )
+        summary.swapped_from, summary.deleted = self.swap_alias(index)
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+    def _drop(self, index: str) -> None:
+        try:
+            self.client.indices.delete(index=index)
+        except NotFoundError:
+            pass
+
+    def swap_alias(self, index: str) -> tuple[list[str], list[str]]:
+        """Point the alias at ``index`` in one atomic call; prune old physical indices."""
+        try:
+            old = sorted(self.client.indices.get_alias(name=self.alias).body)
+        except NotFoundError:
+            old = []
+        actions: list[dict[str, Any]] = [{"remove": {"index": i, "alias": self.alias}} for i in old]
+        if self.client.indices.exists(index=self.alias) and not old:
+            raise IngestError(f"{self.alias!r} is a concrete index, not an alias; rename or delete it")
+        actions.append({"add": {"index": index, "alias": self.alias, "is_write_index": True}})
+        self.client.indices.update_aliases(actions=actions)
+        # Keep the newest `keep_old_indices` previous versions for rollback.
+        prefix = f"{self.alias}-v"
+        existing = sorted(
+            i for i in self.client.indices.get(index=f"{prefix}*", expand_wildcards="open").body
+            if i != index
+        )
+        to_delete = existing[: max(0, len(existing) - self.keep_old_indices)]
+        for i in to_delete:
+            self._drop(i)
+        return old, to_delete

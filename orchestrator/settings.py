@@ -1,0 +1,106 @@
+"""The one typed settings object: the only way configuration enters the orchestrator.
+
+Sources, highest priority first: constructor arguments, environment variables with the
+``LTRR_`` prefix (nested with ``__``, e.g. ``LTRR_ES__URL``), the TOML file named by
+``LTRR_CONFIG`` (or ``./ltrr.toml`` when present), then the defaults below. Components get
+only their own slice (``settings.es``, ``settings.redis`` ...), never the whole object.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+#: Root of the project checkout (the folder holding ``query_templates/``, ``mappings/``...).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class EsSettings(BaseModel):
+    url: str = "http://127.0.0.1:9200"
+    api_key: str | None = None
+    username: str | None = None
+    password: str | None = None
+    verify_certs: bool = True
+    request_timeout_s: float = 30.0
+    #: Aliases the application reads; the physical indices behind them are versioned.
+    catalog_alias: str = "ltrr-catalog"
+    events_alias: str = "ltrr-events"
+
+
+class RedisSettings(BaseModel):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "ltrr:"
+    socket_timeout_s: float = 5.0
+
+
+class EmbeddingSettings(BaseModel):
+    #: ``wordllama`` ships its weights inside the wheel; ``minilm`` needs the ``minilm`` extra.
+    backend: Literal["wordllama", "minilm"] = "wordllama"
+    dim: int = Field(256, ge=64, le=1024)
+    batch_size: int = Field(2048, ge=1)
+
+
+class TemplateSettings(BaseModel):
+    dir: Path = PROJECT_ROOT / "query_templates"
+    #: ``local``: render mustache here and send ``_msearch``; ``stored``: ``_msearch/template``
+    #: with templates pushed by ``ltrr templates push``; ``auto``: stored when the node has
+    #: ``lang-mustache``, local otherwise.
+    mode: Literal["auto", "local", "stored"] = "auto"
+
+
+class IngestSettings(BaseModel):
+    data_dir: Path = PROJECT_ROOT.parent / "shared" / "data" / "music"
+    mappings_dir: Path = PROJECT_ROOT / "mappings"
+    chunk_size: int = Field(500, ge=1)
+    thread_count: int = Field(2, ge=1)
+    #: Keep this many older catalog indices after an alias swap (rollback), delete the rest.
+    keep_old_indices: int = Field(1, ge=0)
+
+
+class LimitsSettings(BaseModel):
+    max_query_chars: int = Field(256, ge=1)
+    max_results: int = Field(200, ge=1)
+    max_param_bytes: int = Field(16_384, ge=256)
+
+
+class OrchestratorSettings(BaseSettings):
+    """All configuration. See ``ltrr.example.toml`` for a commented reference."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LTRR_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    es: EsSettings = EsSettings()
+    redis: RedisSettings = RedisSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    templates: TemplateSettings = TemplateSettings()
+    ingest: IngestSettings = IngestSettings()
+    limits: LimitsSettings = LimitsSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = os.environ.get("LTRR_CONFIG") or "ltrr.toml"
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if Path(toml_file).is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        elif os.environ.get("LTRR_CONFIG"):
+            from .errors import ConfigurationError
+
+            raise ConfigurationError(f"LTRR_CONFIG points at {toml_file!r}, which does not exist")
+        return tuple(sources)
