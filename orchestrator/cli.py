@@ -41,6 +41,22 @@ def services(action: Annotated[str, typer.Argument(help="up | down | status")] =
 
 
 @app.command()
+def check() -> None:
+    """Check that Elasticsearch and Redis are reachable and say what the node can do."""
+    from .es_client import node_capabilities
+    from .redis_client import build_redis, check_available
+
+    s = _settings()
+    client = _es(s)
+    check_available(build_redis(s.redis), s.redis.url)
+    caps = node_capabilities(client)
+    typer.echo(f"elasticsearch {caps.version} at {s.es.url}: modules {sorted(caps.modules)}")
+    typer.echo(f"  stored templates (lang-mustache): {caps.stored_templates}; "
+               f"painless: {caps.painless}; rank_features (mapper-extras): {caps.rank_features}")
+    typer.echo(f"redis at {s.redis.url}: ok")
+
+
+@app.command()
 def index(
     limit: Annotated[Optional[int], typer.Option(help="Index at most this many tracks.")] = None,
     genre: Annotated[Optional[list[str]], typer.Option(help="Only tracks of these genres (repeatable).")] = None,

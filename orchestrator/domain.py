@@ -43,3 +43,158 @@ class ArmFailure:
     reason: str
 
     ok = False
+
+
+#: Slot categories that query understanding fills and arms consume.
+SLOT_CATEGORIES = ("artist", "album", "track", "genre", "mood", "era", "entity_type")
+#: Intent labels of the query-understanding text classifier.
+INTENTS = ("known_item", "artist", "browse", "topical", "broad")
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One recognised value in the query: ``category`` (see SLOT_CATEGORIES), the catalog's
+    canonical ``value`` (``"Beyoncé"`` for ``"beyonse"``), a confidence in [0, 1], the
+    character span in the query and where it came from (``ruler``, ``fuzzy``, ``model``)."""
+
+    category: str
+    value: str
+    confidence: float
+    start: int
+    end: int
+    source: str = "ruler"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedQuery:
+    """The output of query understanding, consumed by arms (slots) and the bandit (features)."""
+
+    text: str
+    normalized: str
+    slots: tuple[Slot, ...] = ()
+    intent: str = "broad"
+    intent_probs: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+    language: str | None = None
+    features: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+
+    def values(self, category: str, *, min_confidence: float = 0.0) -> list[str]:
+        """Canonical values of one slot category, best first, deduplicated."""
+        seen: dict[str, float] = {}
+        for s in self.slots:
+            if s.category == category and s.confidence >= min_confidence:
+                seen[s.value] = max(seen.get(s.value, 0.0), s.confidence)
+        return [v for v, _ in sorted(seen.items(), key=lambda kv: -kv[1])]
+
+
+# --- Selection, merging, response and feedback (selection.py, merging.py, pipeline.py) ---
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Request-side context for the arm selector. Every field is optional; the pipeline fills
+    ``hour`` / ``weekday`` from the clock (UTC) when the caller leaves them out."""
+
+    hour: int | None = None
+    weekday: int | None = None
+    device: str | None = None
+    locale: str | None = None
+    user_segment: str | None = None
+    user_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) is not None}  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class ArmChoice:
+    """One arm the selector chose: ``template_id`` (the bandit key, e.g. ``lexical.v1``), its
+    candidate ``budget``, the Thompson ``sampled`` value and the arm's inclusion propensity."""
+
+    arm: str
+    template_id: str
+    budget: int
+    sampled: float
+    propensity: float
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionDecision:
+    """What the selector decided, with everything off-policy evaluation needs: for every
+    eligible arm (keyed by template id) the sampled value, the posterior mean and the
+    probability that the policy includes the arm in this context (``propensities``)."""
+
+    policy: str
+    choices: tuple[ArmChoice, ...]
+    total_budget: int
+    sampled: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+    expected: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+    propensities: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+    n_resamples: int = 0
+
+    @property
+    def budgets(self) -> dict[str, int]:
+        """``{arm name: budget}`` as ``arms.build_requests`` takes it."""
+        return {c.arm: c.budget for c in self.choices}
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where a merged candidate came from: one arm, its rank and (normalised) score there."""
+
+    arm: str
+    template_id: str
+    rank: int
+    score: float
+    norm_score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One merged candidate (deduplicated by ``_id``) with its provenance in every arm."""
+
+    id: str
+    source: dict[str, Any] = field(hash=False, compare=False)
+    provenance: tuple[Provenance, ...] = ()
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return tuple(p.arm for p in self.provenance)
+
+
+@dataclass(frozen=True, slots=True)
+class RankedItem:
+    """One result as shown: 1-based display ``rank``, the rescorer's score and provenance."""
+
+    id: str
+    rank: int
+    score: float
+    source: dict[str, Any] = field(hash=False, compare=False)
+    provenance: tuple[Provenance, ...] = ()
+    features: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResponse:
+    request_id: str
+    query: str
+    results: tuple[RankedItem, ...]
+    decision: SelectionDecision
+    failures: tuple[ArmFailure, ...] = ()
+    parsed: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    context: RequestContext = RequestContext()
+    rescorer: str = "default"
+    timings_ms: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackResult:
+    """Outcome of one feedback call. ``duplicate`` is true when the same
+    (request, item, action) was already counted; ``rewards`` is ``{template_id: reward}``."""
+
+    request_id: str
+    item_id: str
+    action: str
+    duplicate: bool
+    position: int
+    weight: float
+    rewards: dict[str, float] = field(default_factory=dict, hash=False, compare=False)

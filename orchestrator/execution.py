@@ -89,12 +89,21 @@ class MultiSearch:
                 else:
                     resp = es.msearch_template(search_templates=lines)
             except ApiError as exc:
-                # The whole _msearch was refused (e.g. the alias is missing): every arm failed.
-                for i in sent:
-                    out[i] = ArmFailure(requests[i].arm, requests[i].template_id,
-                                        exc.meta.status, _root_cause(exc.body.get("error") if isinstance(exc.body, dict) else exc.body))
                 if raise_on_error:
                     raise
+                if exc.meta.status == 400 and len(sent) > 1:
+                    # Elasticsearch parses every body of an _msearch up front, so one arm with a
+                    # malformed query fails them all. Isolate it: run each arm on its own
+                    # (only on this failure path) so the healthy arms still answer.
+                    logger.warning("_msearch refused (%s); retrying arms one by one", exc)
+                    for i in sent:
+                        out[i] = self.execute([requests[i]], opaque_id=opaque_id)[0]
+                    return out  # type: ignore[return-value]
+                # The whole _msearch was refused (e.g. the alias is missing): every arm failed.
+                body = exc.body.get("error") if isinstance(exc.body, dict) else exc.body
+                for i in sent:
+                    out[i] = ArmFailure(requests[i].arm, requests[i].template_id,
+                                        exc.meta.status, _root_cause(body))
                 return out  # type: ignore[return-value]
             except (TransportError, ConnectionError) as exc:
                 raise ServiceUnavailableError("Elasticsearch", str(self.client.transport.node_pool.get().base_url)) from exc

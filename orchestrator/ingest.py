@@ -137,9 +137,9 @@ class CatalogIndexer:
             bar = tqdm(desc=f"indexing {index}", unit="doc", mininterval=1.0)
         try:
             for ok, info in helpers.parallel_bulk(
-                self.client, self._actions(builder.build(), index, summary, bar),
+                self.client.options(request_timeout=120), self._actions(builder.build(), index, summary, bar),
                 thread_count=self.thread_count, chunk_size=self.chunk_size,
-                raise_on_error=False, raise_on_exception=False, request_timeout=120,
+                raise_on_error=False, raise_on_exception=False,
             ):
                 if ok:
                     summary.indexed += 1

@@ -145,7 +145,10 @@ class SearchTemplate:
         try:
             reference = json.loads(reference_text)
         except json.JSONDecodeError as exc:
-            raise TemplateSyntaxError(f"template {self.id!r} does not render to JSON: {exc}") from None
+            raise TemplateSyntaxError(
+                f"template {self.id!r} does not render to JSON with neutral parameters "
+                f"(is a string parameter outside quotes?): {exc}"
+            ) from None
         try:
             body = json.loads(text)
         except json.JSONDecodeError:

@@ -1,0 +1,108 @@
+"""The one conftest: settings, live-service fixtures and a real catalog slice.
+
+Live fixtures connect to the services started by ``scripts/services up``. Outside CI they
+skip when a service is down; with ``CI=true`` or ``LTRR_REQUIRE_SERVICES=1`` they fail, so a
+CI run can never pass by skipping its integration tests.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from orchestrator.settings import OrchestratorSettings
+
+REQUIRE = os.environ.get("CI") == "true" or os.environ.get("LTRR_REQUIRE_SERVICES") == "1"
+
+#: Genres of the real catalog slice indexed for integration tests (~83k entities with albums
+#: and artists: pop, rock, hip-hop, jazz ... including every playlist track of playlists_dev).
+SLICE_GENRES = frozenset({
+    "pop", "country", "jazz", "rock", "hip-hop", "dance", "latin", "r&b", "rap", "edm",
+    "classical", "metal", "soul", "blues", "indie",
+})
+SLICE_ALIAS = "test-ltrr-catalog"
+
+
+def _unavailable(what: str, exc: Exception) -> None:
+    msg = f"{what} is not reachable ({exc}); run: scripts/services up"
+    if REQUIRE:
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def settings() -> OrchestratorSettings:
+    return OrchestratorSettings()
+
+
+@pytest.fixture(scope="session")
+def es(settings):
+    from orchestrator.es_client import build_client, check_available
+    from orchestrator.errors import ServiceUnavailableError
+
+    client = build_client(settings.es)
+    try:
+        check_available(client, settings.es.url)
+    except ServiceUnavailableError as exc:
+        _unavailable("Elasticsearch", exc)
+    return client
+
+
+@pytest.fixture(scope="session")
+def redis_client(settings):
+    from orchestrator.errors import ServiceUnavailableError
+    from orchestrator.redis_client import build_redis, check_available
+
+    client = build_redis(settings.redis)
+    try:
+        check_available(client, settings.redis.url)
+    except ServiceUnavailableError as exc:
+        _unavailable("Redis", exc)
+    return client
+
+
+@pytest.fixture()
+def redis_prefix(redis_client):
+    """A unique key prefix; every key under it is deleted after the test."""
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    for key in redis_client.scan_iter(match=prefix + "*", count=1000):
+        redis_client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def catalog_slice(es, settings):
+    """A real slice of the catalog (tracks of SLICE_GENRES, their albums and artists, with
+    embeddings) behind the alias ``test-ltrr-catalog``. Indexed once and reused across runs
+    while its build parameters are unchanged (the index records them in its _meta)."""
+    from orchestrator.catalog import CatalogBuilder
+    from orchestrator.embeddings import get_encoder
+    from orchestrator.ingest import CatalogIndexer
+
+    fingerprint = f"genres={sorted(SLICE_GENRES)};dims={settings.embedding.dim};v2"
+    if es.indices.exists_alias(name=SLICE_ALIAS):
+        meta = next(iter(es.indices.get_mapping(index=SLICE_ALIAS).body.values()))
+        if meta["mappings"].get("_meta", {}).get("fingerprint") == fingerprint and os.environ.get(
+            "LTRR_REINDEX_SLICE"
+        ) != "1":
+            return SLICE_ALIAS
+    indexer = CatalogIndexer(
+        es, alias=SLICE_ALIAS, mappings_dir=settings.ingest.mappings_dir,
+        encoder=get_encoder(settings.embedding), keep_old_indices=0,
+        chunk_size=settings.ingest.chunk_size, thread_count=settings.ingest.thread_count,
+    )
+    summary = indexer.run(CatalogBuilder(settings.ingest.data_dir, genres=set(SLICE_GENRES)),
+                          progress=False)
+    es.indices.put_mapping(index=summary.index, meta={"schema": "catalog", "version": 1,
+                                                      "fingerprint": fingerprint})
+    return SLICE_ALIAS
+
+
+@pytest.fixture()
+def test_alias(es):
+    """A unique ``test-*`` alias name; its indices are deleted after the test."""
+    alias = f"test-{uuid.uuid4().hex[:8]}"
+    yield alias
+    es.indices.delete(index=f"{alias}*", ignore_unavailable=True, allow_no_indices=True)
