@@ -185,6 +185,24 @@ def search(
         console.print(table)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(ctx: typer.Context,
+           concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+           loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Run a Celery worker (extra arguments go to `celery worker`)."""
+    cmd = [sys.executable, "-m", "celery", "-A", "orchestrator.celery_app:app", "worker",
+           f"--concurrency={concurrency}", f"--loglevel={loglevel}", *ctx.args]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def beat(ctx: typer.Context, loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Run Celery beat, the scheduler (run exactly one per deployment)."""
+    cmd = [sys.executable, "-m", "celery", "-A", "orchestrator.celery_app:app", "beat",
+           f"--loglevel={loglevel}", *ctx.args]
+    raise typer.Exit(subprocess.call(cmd))
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("LTRR_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")

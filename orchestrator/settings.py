@@ -72,6 +72,18 @@ class LimitsSettings(BaseModel):
     max_param_bytes: int = Field(16_384, ge=256)
 
 
+class CelerySettings(BaseModel):
+    #: Broker and result backend; default to the Redis of ``redis.url`` (db 1 and 2).
+    broker_url: str | None = None
+    result_backend: str | None = None
+    #: Beat schedule, seconds between runs of each job.
+    move_events_every_s: float = Field(60.0, gt=0)
+    retrain_every_s: float = Field(3600.0, gt=0)
+    #: Pending stream entries idle this long are taken over from a worker presumed dead.
+    claim_idle_ms: int = Field(60_000, ge=0)
+    event_batch_size: int = Field(1000, ge=1)
+
+
 class OrchestratorSettings(BaseSettings):
     """All configuration. See ``ltrr.example.toml`` for a commented reference."""
 
@@ -85,6 +97,12 @@ class OrchestratorSettings(BaseSettings):
     templates: TemplateSettings = TemplateSettings()
     ingest: IngestSettings = IngestSettings()
     limits: LimitsSettings = LimitsSettings()
+    celery: CelerySettings = CelerySettings()
+
+    def celery_urls(self) -> tuple[str, str]:
+        """Broker and result-backend URLs (Redis db 1 and 2 of ``redis.url`` by default)."""
+        base = self.redis.url.rsplit("/", 1)[0] if self.redis.url.count("/") > 2 else self.redis.url
+        return (self.celery.broker_url or f"{base}/1", self.celery.result_backend or f"{base}/2")
 
     @classmethod
     def settings_customise_sources(

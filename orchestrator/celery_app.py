@@ -1,0 +1,44 @@
+"""The Celery application: Redis broker and result backend, JSON only, beat schedule.
+
+Run a worker with ``ltrr worker`` and the scheduler with ``ltrr beat`` (thin wrappers over the
+``celery`` command). Exactly ONE beat may run per deployment, or scheduled jobs run twice
+(they are idempotent, so that wastes work but corrupts nothing).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .settings import OrchestratorSettings
+
+
+def make_app(settings: OrchestratorSettings | None = None) -> Celery:
+    settings = settings or OrchestratorSettings()
+    broker, backend = settings.celery_urls()
+    app = Celery("ltrr", broker=broker, backend=backend, include=["orchestrator.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Tasks are idempotent, so redelivery after a lost worker is safe: ack late.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        result_expires=24 * 3600,
+        broker_transport_options={"visibility_timeout": 3600},
+        beat_schedule={
+            "move-events": {
+                "task": "orchestrator.tasks.move_events",
+                "schedule": settings.celery.move_events_every_s,
+            },
+            "retrain-all": {
+                "task": "orchestrator.tasks.retrain_all",
+                "schedule": settings.celery.retrain_every_s,
+            },
+        },
+    )
+    return app
+
+
+app = make_app()

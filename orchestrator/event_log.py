@@ -1,0 +1,186 @@
+"""Move impression/feedback events from the Redis stream into the Elasticsearch events index.
+
+Consumes the stream ``<prefix>events`` (entries ``{type, data}`` with ``data`` a JSON object,
+written by :mod:`orchestrator.feedback`), produces documents in the ``events`` alias
+(``mappings/events.v1.json``). Exactly once *in effect*:
+
+- entries are read through a consumer group, so an entry stays *pending* until acknowledged;
+- the Elasticsearch ``_id`` is the stream entry id, so writing an entry twice overwrites it;
+- an entry is acknowledged only after Elasticsearch accepted it.
+
+A worker killed between the bulk write and the ack leaves its entries pending; the next run
+claims them (``XAUTOCLAIM``) and writes them again under the same ids: nothing lost, nothing
+duplicated. Acknowledged entries older than every pending one are trimmed from the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from elasticsearch import Elasticsearch, helpers
+
+from .ingest import load_mapping
+
+logger = logging.getLogger(__name__)
+
+_LIFTED = ("request_id", "item_id", "action", "rank", "query", "query_key", "intent")
+
+
+def event_document(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """The events-index document of one stream entry (training fields lifted to the top)."""
+    try:
+        data = json.loads(fields.get("data") or "{}")
+    except json.JSONDecodeError:
+        data = {"raw": fields.get("data")}
+    if not isinstance(data, dict):
+        data = {"value": data}
+    doc: dict[str, Any] = {"event_id": entry_id, "type": fields.get("type", "unknown"),
+                           "payload": data}
+    # Stream ids start with the Redis server's millisecond clock.
+    doc["ts"] = data.get("ts") or int(entry_id.split("-")[0])
+    for key in _LIFTED:
+        if data.get(key) is not None:
+            doc[key] = data[key]
+    if doc.get("rank") is None and data.get("position") is not None:
+        doc["rank"] = data["position"]
+    if doc.get("intent") is None and isinstance(data.get("parsed"), dict):
+        doc["intent"] = data["parsed"].get("intent")
+    arms = data.get("arms") or data.get("rewarded_arms") or data.get("chosen_arms")
+    if isinstance(arms, dict):
+        arms = list(arms)
+    if isinstance(arms, list):
+        doc["arms"] = [a if isinstance(a, str) else str(a.get("template_id") or a.get("arm")) for a in arms]
+    return doc
+
+
+@dataclass
+class MoveResult:
+    moved: int = 0
+    reclaimed: int = 0
+    failed: int = 0
+    trimmed: int = 0
+
+
+class EventMover:
+    """Move events from ``stream`` into ``alias`` in batches.
+
+    Parameters
+    ----------
+    redis_client, es:
+        Clients of the two stores.
+    stream:
+        The Redis stream key (``<prefix>events``).
+    alias:
+        The events alias in Elasticsearch (created with ``mappings/events.v1.json`` if absent).
+    claim_idle_ms:
+        Pending entries idle this long are taken over from a consumer presumed dead.
+    """
+
+    group = "ltrr-event-mover"
+
+    def __init__(self, redis_client: redis.Redis, es: Elasticsearch, *, stream: str, alias: str,
+                 mappings_dir: Path, consumer: str | None = None, claim_idle_ms: int = 60_000) -> None:
+        self.redis = redis_client
+        self.es = es
+        self.stream = stream
+        self.alias = alias
+        self.mappings_dir = mappings_dir
+        self.consumer = consumer or f"mover-{os.getpid()}"
+        self.claim_idle_ms = claim_idle_ms
+
+    def ensure(self) -> None:
+        """Create the events index/alias and the consumer group if they do not exist."""
+        if not self.es.indices.exists_alias(name=self.alias):
+            body = load_mapping(self.mappings_dir, "events.v1")
+            index = f"{self.alias}-v1"
+            if not self.es.indices.exists(index=index):
+                self.es.indices.create(index=index, settings=body["settings"],
+                                       mappings=body["mappings"],
+                                       aliases={self.alias: {"is_write_index": True}})
+        try:
+            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _write(self, entries: list[tuple[bytes | str, dict[Any, Any]]]) -> tuple[list[str], int]:
+        def s(x: Any) -> str:
+            return x.decode() if isinstance(x, bytes) else str(x)
+
+        actions = []
+        for eid, fields in entries:
+            doc = event_document(s(eid), {s(k): s(v) for k, v in fields.items()})
+            actions.append({"_op_type": "index", "_index": self.alias, "_id": doc["event_id"],
+                            "_source": doc})
+        ok_ids: list[str] = []
+        failed = 0
+        for ok, info in helpers.streaming_bulk(self.es, actions, raise_on_error=False,
+                                               max_retries=3, retry_on_status=(429,)):
+            item = next(iter(info.values()))
+            if ok:
+                ok_ids.append(item["_id"])
+            else:
+                failed += 1
+                logger.warning("event %s not written: %s", item.get("_id"), item.get("error"))
+        return ok_ids, failed
+
+    def move(self, *, batch_size: int = 1000, max_batches: int = 100,
+             _crash_after_write: bool = False) -> MoveResult:
+        """Move up to ``batch_size * max_batches`` events; return what happened."""
+        self.ensure()
+        result = MoveResult()
+        # 1. Entries a dead consumer left pending (it wrote them, or not, but never acked).
+        start = "0-0"
+        while True:
+            start, claimed, *_ = self.redis.xautoclaim(self.stream, self.group, self.consumer,
+                                                       min_idle_time=self.claim_idle_ms,
+                                                       start_id=start, count=batch_size)
+            claimed = [c for c in claimed if c and c[1] is not None]
+            if claimed:
+                ids, failed = self._write(claimed)
+                if ids:
+                    self.redis.xack(self.stream, self.group, *ids)
+                result.reclaimed += len(ids)
+                result.failed += failed
+            if start in (b"0-0", "0-0"):
+                break
+        # 2. New entries.
+        for _ in range(max_batches):
+            resp = self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+                                         count=batch_size)
+            if not resp:
+                break
+            entries = resp[0][1]
+            ids, failed = self._write(entries)
+            if _crash_after_write:
+                # Test hook: die like a killed worker, after the write and before the ack.
+                os._exit(17)
+            if ids:
+                self.redis.xack(self.stream, self.group, *ids)
+            result.moved += len(ids)
+            result.failed += failed
+        self.es.indices.refresh(index=self.alias)
+        result.trimmed = self._trim()
+        return result
+
+    def _trim(self) -> int:
+        """Drop acknowledged entries older than the oldest pending or undelivered one."""
+        info = self.redis.xpending(self.stream, self.group)
+        if info["pending"]:
+            floor = info["min"]
+        else:
+            groups = {g["name"]: g for g in self.redis.xinfo_groups(self.stream)}
+            g = groups.get(self.group.encode()) or groups.get(self.group)
+            if g is None:
+                return 0
+            last = g["last-delivered-id"]
+            last = last.decode() if isinstance(last, bytes) else last
+            ms, seq = last.split("-")
+            floor = f"{ms}-{int(seq) + 1}"
+        return int(self.redis.xtrim(self.stream, minid=floor))
