@@ -13,6 +13,7 @@ import csv
 import hashlib
 import logging
 import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -452,6 +453,16 @@ def embedding_text(doc: dict[str, Any]) -> str:
     return " ".join(p for p in parts if p)
 
 
+_VERSION_SUFFIX = re.compile(r"\s+-\s+.*$|\s*[(\[][^)\]]*[)\]]")
+
+
+def base_title(title: str) -> str:
+    """A title without version decorations: ``"Bohemian Rhapsody - Remastered 2011"`` and
+    ``"Halo (feat. X) [Live]"`` become ``"Bohemian Rhapsody"`` and ``"Halo"``."""
+    base = _VERSION_SUFFIX.sub("", title).strip()
+    return base or title
+
+
 def predicted_queries(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Cold-start Q2E pairs: the queries a user would likely type to find this entity, each
     with a predicted score in [0, 1] (popularity-weighted: of two equal titles, the more
@@ -462,11 +473,15 @@ def predicted_queries(doc: dict[str, Any]) -> list[dict[str, Any]]:
     out: dict[str, float] = {}
     kind = doc["entity_type"]
     if kind == "track":
-        if title and artist:
-            out[f"{artist} {title}"] = 0.6 + 0.4 * pop
-            out[f"{title} {artist}"] = 0.55 + 0.4 * pop
-        if title:
-            out[title] = 0.3 + 0.6 * pop
+        base = normalize_query(base_title(doc.get("title", "")))
+        # Users type the bare title; a decorated version (remaster, live, feat.) is a
+        # slightly less likely target of the bare title than the original.
+        for t, penalty in ((base, 0.05), (title, 0.0)) if base != title else ((title, 0.0),):
+            if t and artist:
+                out[f"{artist} {t}"] = 0.6 + 0.4 * pop - penalty
+                out[f"{t} {artist}"] = 0.55 + 0.4 * pop - penalty
+            if t:
+                out[t] = 0.3 + 0.6 * pop - penalty
     elif kind == "artist":
         if title:
             out[title] = 0.7 + 0.3 * pop
@@ -478,6 +493,6 @@ def predicted_queries(doc: dict[str, Any]) -> list[dict[str, Any]]:
         if title and artist:
             out[f"{artist} {title}"] = 0.5 + 0.4 * pop
     return [
-        {"query_key": k, "score": round(v, 4), "source": "predicted"}
+        {"query_key": k, "score": round(v, 4), "prior": round(v, 4), "source": "predicted"}
         for k, v in out.items() if k and len(k) <= 200
     ]

@@ -8,6 +8,7 @@ all-MiniLM-L6-v2 offline. Nothing here touches the network.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Protocol
@@ -26,10 +27,24 @@ class Encoder(Protocol):
         ...
 
 
+def _import_wordllama():  # type: ignore[no-untyped-def]
+    """Import wordllama without letting it reconfigure the application's logging: its
+    modules call ``logging.basicConfig(level=INFO)`` at import time."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    import wordllama
+
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    return wordllama
+
+
 class WordLlamaEncoder:
     def __init__(self, dim: int = 256) -> None:
-        import wordllama
-        from wordllama import WordLlama
+        wordllama = _import_wordllama()
+        WordLlama = wordllama.WordLlama
 
         self.dim = dim
         pkg = Path(wordllama.__file__).parent

@@ -105,7 +105,8 @@ class CatalogIndexer:
             for d in batch:
                 d["indexed_at"] = now
                 d["exposure"] = 0
-                yield {"_op_type": "index", "_index": index, "_id": doc_id(d), "_source": d}
+                yield {"_op_type": "index", "_index": index, "_id": doc_id(d), "_source": d,
+                       "require_alias": True}
             if progress is not None:
                 progress.update(len(batch))
             batch.clear()
@@ -126,8 +127,12 @@ class CatalogIndexer:
         index = f"{self.alias}-v{schema['mappings']['_meta']['version']}-{stamp}"
         summary = IngestSummary(index=index, alias=self.alias)
         t0 = time.perf_counter()
+        # Writes go through a per-run alias with require_alias: if the index disappears while
+        # loading (a concurrent run pruned it), the bulk fails instead of auto-creating an
+        # index with dynamic mappings.
+        loading = f"{index}-loading"
         self.client.indices.create(index=index, settings=schema["settings"],
-                                   mappings=schema["mappings"])
+                                   mappings=schema["mappings"], aliases={loading: {}})
         # No refreshes while loading: one at the end is much cheaper.
         self.client.indices.put_settings(index=index, settings={"index.refresh_interval": "-1"})
         bar = None
@@ -137,7 +142,7 @@ class CatalogIndexer:
             bar = tqdm(desc=f"indexing {index}", unit="doc", mininterval=1.0)
         try:
             for ok, info in helpers.parallel_bulk(
-                self.client.options(request_timeout=120), self._actions(builder.build(), index, summary, bar),
+                self.client.options(request_timeout=120), self._actions(builder.build(), loading, summary, bar),
                 thread_count=self.thread_count, chunk_size=self.chunk_size,
                 raise_on_error=False, raise_on_exception=False,
             ):
@@ -157,6 +162,10 @@ class CatalogIndexer:
             if bar is not None:
                 bar.close()
         summary.build_report = builder.report.as_dict()
+        if not self.client.indices.exists(index=index):
+            raise IngestError(f"{index} was deleted while loading (a concurrent `ltrr index`?); "
+                              f"the alias {self.alias!r} was left unchanged")
+        self.client.indices.delete_alias(index=index, name=loading)
         self.client.indices.put_settings(index=index, settings={"index.refresh_interval": "1s"})
         self.client.indices.refresh(index=index)
         total = summary.indexed + sum(summary.failed.values())
@@ -189,9 +198,10 @@ class CatalogIndexer:
         self.client.indices.update_aliases(actions=actions)
         # Keep the newest `keep_old_indices` previous versions for rollback.
         prefix = f"{self.alias}-v"
+        # Only versions older than this one: a newer index may still be loading.
         existing = sorted(
             i for i in self.client.indices.get(index=f"{prefix}*", expand_wildcards="open").body
-            if i != index
+            if i < index
         )
         to_delete = existing[: max(0, len(existing) - self.keep_old_indices)]
         for i in to_delete:

@@ -77,11 +77,20 @@ def catalog_slice(es, settings):
     """A real slice of the catalog (tracks of SLICE_GENRES, their albums and artists, with
     embeddings) behind the alias ``test-ltrr-catalog``. Indexed once and reused across runs
     while its build parameters are unchanged (the index records them in its _meta)."""
+    import fcntl
+
+    fingerprint = f"genres={sorted(SLICE_GENRES)};dims={settings.embedding.dim};v3"
+    # Several pytest processes may want the slice at once: build it once, under a file lock.
+    with open("/tmp/ltrr-test-slice.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_slice(es, settings, fingerprint)
+
+
+def _ensure_slice(es, settings, fingerprint: str) -> str:
     from orchestrator.catalog import CatalogBuilder
     from orchestrator.embeddings import get_encoder
     from orchestrator.ingest import CatalogIndexer
 
-    fingerprint = f"genres={sorted(SLICE_GENRES)};dims={settings.embedding.dim};v2"
     if es.indices.exists_alias(name=SLICE_ALIAS):
         meta = next(iter(es.indices.get_mapping(index=SLICE_ALIAS).body.values()))
         if meta["mappings"].get("_meta", {}).get("fingerprint") == fingerprint and os.environ.get(
