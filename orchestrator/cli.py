@@ -25,6 +25,17 @@ def _settings() -> OrchestratorSettings:
     return OrchestratorSettings()
 
 
+def _parse_query(query: str):  # type: ignore[no-untyped-def]
+    """The query-understanding result, or None when no QU model is installed."""
+    try:
+        from .understanding import get_understander
+
+        return get_understander().parse(query)
+    except (ImportError, OrchestratorError) as exc:
+        logging.getLogger(__name__).warning("query understanding unavailable: %s", exc)
+        return None
+
+
 def _es(settings: OrchestratorSettings):  # type: ignore[no-untyped-def]
     from .es_client import build_client, check_available
 
@@ -92,6 +103,30 @@ def index(
                f"deleted {d['deleted'] or 'nothing'})")
 
 
+@app.command()
+def qu(query: str, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Print what query understanding makes of QUERY (slots, intent, bandit features)."""
+    from .understanding import format_parsed, get_understander
+
+    pq = get_understander().parse(query)
+    if as_json:
+        from dataclasses import asdict
+
+        typer.echo(json.dumps(asdict(pq), indent=2, ensure_ascii=False))
+    else:
+        typer.echo(format_parsed(pq))
+
+
+@app.command("qu-train")
+def qu_train(seed: Annotated[int, typer.Option(help="Random seed.")] = 0) -> None:
+    """Train the query-understanding model from the catalog and playlist titles."""
+    from .qu_training import train
+
+    s = _settings()
+    meta = train(s.ingest.data_dir, PROJECT_ROOT / "qu_models", seed=seed)
+    typer.echo(json.dumps(meta["metrics"]["heldout"], indent=2))
+
+
 @templates_app.command("list")
 def templates_list() -> None:
     """List the arm templates and their parameters."""
@@ -139,7 +174,8 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Run arms for QUERY in one _msearch and print a table per arm."""
-    from .arms import base_params, build_request, validate_query
+    from .arms import build_requests, validate_query
+    from .embeddings import get_encoder
     from .execution import MultiSearch
     from .templates import TemplateRegistry
 
@@ -148,12 +184,10 @@ def search(
     reg = TemplateRegistry.from_dir(s.templates.dir)
     q = validate_query(query, max_chars=s.limits.max_query_chars)
     arms = [reg.get(a) for a in arm] if arm else list(reg)
-    avail = base_params(q, size=size)
-    if any(any(p.name == "query_vector" for p in t.params) for t in arms):
-        from .embeddings import get_encoder
-
-        avail["query_vector"] = get_encoder(s.embedding).encode([q])[0].tolist()
-    reqs = [build_request(t, avail) for t in arms]
+    parsed = _parse_query(q)
+    vec = get_encoder(s.embedding).encode([q])[0].tolist()
+    reqs = build_requests(reg, parsed, q, budgets={t.arm: size for t in arms}, vector=vec,
+                          max_query_chars=s.limits.max_query_chars)
     ms = MultiSearch(client, index=s.es.catalog_alias, registry=reg,
                      max_param_bytes=s.limits.max_param_bytes)
     results = ms.execute(reqs)
