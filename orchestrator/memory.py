@@ -27,6 +27,7 @@ idempotent. Writes use optimistic concurrency (``if_seq_no``) and retry on confl
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import math
 import time
@@ -142,11 +143,22 @@ def load_interactions(es: Elasticsearch, events_alias: str) -> list[Interaction]
         rank = fb.get("rank")
         if rank is None:
             rank = _rank_in_impression(imp.get("payload", {}), fb.get("item_id"))
-        ts = fb.get("ts") or 0
-        ts = ts / 1000.0 if isinstance(ts, (int, float)) and ts > 1e11 else float(ts or 0)
+        ts = _epoch_seconds(fb.get("ts"))
         if key and fb.get("item_id") and fb.get("action"):
             out.append(Interaction(key, fb["item_id"], fb["action"], rank, ts))
     return out
+
+
+def _epoch_seconds(ts: Any) -> float:
+    """Event time as epoch seconds (events carry ISO strings, stream-id millis or seconds)."""
+    if isinstance(ts, (int, float)):
+        return ts / 1000.0 if ts > 1e11 else float(ts)
+    if isinstance(ts, str) and ts:
+        try:
+            return _dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return 0.0
+    return 0.0
 
 
 def _rank_in_impression(payload: Mapping[str, Any], item_id: str | None) -> int | None:

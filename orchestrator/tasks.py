@@ -1,14 +1,13 @@
 """Celery tasks: thin wiring over the pure training/moving functions (logic lives elsewhere).
 
-Every task is idempotent (it recomputes from the event log or writes under stable ids) and
-guarded by a Redis lock, so two workers or a retried delivery never run one job twice at once.
+Every task is idempotent (it recomputes from the event log, or writes under stable ids with
+optimistic concurrency), so a retried delivery or two workers running one job at once leave
+the same state as one run; no locks are needed, and a killed worker leaves none behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 from celery.utils.log import get_task_logger
@@ -33,19 +32,6 @@ def _clients() -> tuple[Any, Any]:
     return build_client(s.es), build_redis(s.redis)
 
 
-@contextlib.contextmanager
-def _lock(name: str, timeout_s: int = 3600) -> Iterator[bool]:
-    _, r = _clients()
-    lock = r.lock(f"{_settings().redis.key_prefix}lock:{name}", timeout=timeout_s, blocking=False)
-    got = lock.acquire()
-    try:
-        yield got
-    finally:
-        if got:
-            with contextlib.suppress(Exception):
-                lock.release()
-
-
 @app.task(name="orchestrator.tasks.move_events", autoretry_for=(ConnectionError,),
           retry_backoff=True, max_retries=5)
 def move_events(crash_after_write: bool = False) -> dict[str, int]:
@@ -62,3 +48,24 @@ def move_events(crash_after_write: bool = False) -> dict[str, int]:
     logger.info("moved %s events (%s reclaimed, %s failed)", res.moved, res.reclaimed, res.failed)
     return {"moved": res.moved, "reclaimed": res.reclaimed, "failed": res.failed,
             "trimmed": res.trimmed}
+
+
+@app.task(name="orchestrator.tasks.train_memory", autoretry_for=(ConnectionError,),
+          retry_backoff=True, max_retries=5)
+def train_memory(half_life_days: float = 30.0, prior_strength: float = 2.0) -> dict[str, Any]:
+    """Recompute the Q2E memory from the events index and write it into the catalog."""
+    from .memory import aggregate, load_interactions, write_memory
+
+    s = _settings()
+    es, _ = _clients()
+    # No lock: the result is recomputed from the whole log and written with optimistic
+    # concurrency, so concurrent or repeated runs converge on the same documents.
+    if not es.indices.exists_alias(name=s.es.events_alias):
+        return {"interactions": 0, "items": 0}
+    interactions = load_interactions(es, s.es.events_alias)
+    evidence = aggregate(interactions, half_life_days=half_life_days)
+    res = write_memory(es, s.es.catalog_alias, evidence, prior_strength=prior_strength)
+    logger.info("q2e memory: %s interactions -> %s items (%s new pairs)", len(interactions),
+                res.items, res.new_pairs)
+    return {"interactions": len(interactions), "items": res.items, "pairs": res.pairs,
+            "new_pairs": res.new_pairs, "missing_items": res.missing_items}

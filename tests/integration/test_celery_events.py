@@ -4,54 +4,26 @@ and the stream ack loses nothing and duplicates nothing."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 import uuid
 
 import pytest
-
-from orchestrator.celery_app import make_app
-from orchestrator.settings import OrchestratorSettings
+from celery_helpers import WorkerHarness
 
 pytestmark = [pytest.mark.celery_worker, pytest.mark.elasticsearch, pytest.mark.redis]
 
 
 @pytest.fixture()
-def worker_env(es, redis_client, redis_prefix):
+def harness(es, redis_client, redis_prefix):
     alias = f"test-events-{uuid.uuid4().hex[:8]}"
-    queue = f"test-{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, LTRR_REDIS__KEY_PREFIX=redis_prefix, LTRR_ES__EVENTS_ALIAS=alias,
-               LTRR_CELERY__CLAIM_IDLE_MS="0", LTRR_CELERY__EVENT_BATCH_SIZE="100")
-    yield env, alias, queue
+    h = WorkerHarness(LTRR_REDIS__KEY_PREFIX=redis_prefix, LTRR_ES__EVENTS_ALIAS=alias,
+                      LTRR_CELERY__CLAIM_IDLE_MS="0", LTRR_CELERY__EVENT_BATCH_SIZE="100")
+    h.alias = alias
+    yield h
     es.indices.delete(index=f"{alias}*", ignore_unavailable=True, allow_no_indices=True)
 
 
-def start_worker(env: dict[str, str], queue: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "orchestrator.celery_app:app", "worker",
-         "--pool=solo", "-Q", queue, "--loglevel=WARNING", "--without-heartbeat",
-         "--without-gossip", "--without-mingle"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def client_app(env: dict[str, str]):
-    keys = {k: v for k, v in env.items() if k.startswith("LTRR_")}
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try:
-        return make_app(OrchestratorSettings())
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def test_killed_worker_loses_and_duplicates_nothing(es, redis_client, redis_prefix, worker_env):
-    env, alias, queue = worker_env
+def test_killed_worker_loses_and_duplicates_nothing(es, redis_client, redis_prefix, harness):
+    alias = harness.alias
     stream = f"{redis_prefix}events"
     ids = []
     for i in range(250):
@@ -59,12 +31,9 @@ def test_killed_worker_loses_and_duplicates_nothing(es, redis_client, redis_pref
         data = {"request_id": f"r{i // 2}", "query": "chill jazz", "item_id": f"track:{i}",
                 "action": "click", "rank": 1 + i % 10}
         ids.append(redis_client.xadd(stream, {"type": kind, "data": json.dumps(data)}).decode())
-    app = client_app(env)
-
-    proc = start_worker(env, queue)
+    proc = harness.start()
     try:
-        app.send_task("orchestrator.tasks.move_events", kwargs={"crash_after_write": True},
-                      queue=queue)
+        harness.send("move_events", crash_after_write=True)
         proc.wait(timeout=120)  # the worker dies inside the task
     finally:
         if proc.poll() is None:
@@ -75,12 +44,7 @@ def test_killed_worker_loses_and_duplicates_nothing(es, redis_client, redis_pref
     assert es.count(index=alias)["count"] == 100
     assert redis_client.xpending(stream, "ltrr-event-mover")["pending"] == 100
 
-    proc = start_worker(env, queue)
-    try:
-        res = app.send_task("orchestrator.tasks.move_events", queue=queue).get(timeout=120)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    (res,) = harness.run("move_events")
     assert res["reclaimed"] == 100 and res["moved"] == 150 and res["failed"] == 0
     es.indices.refresh(index=alias)
     assert es.count(index=alias)["count"] == 250
