@@ -80,3 +80,34 @@ class ArmExecutionError(OrchestratorError):
 
 class IngestError(OrchestratorError):
     pass
+
+
+class UnknownRequestError(KeyError, OrchestratorError):
+    """Feedback or explain for a request id that was never served or whose impression expired
+    (HTTP 404)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        super().__init__(
+            f"Unknown request id {request_id!r}: never served, or its impression expired"
+        )
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.request_id,))
+
+
+class InvalidFeedbackError(ValueError, OrchestratorError):
+    """Feedback that cannot be counted: unknown action, or an item the request did not show
+    (HTTP 400)."""
+
+
+class NotFittedError(ValueError, AttributeError, OrchestratorError):
+    """A learned component was used before it was fitted or loaded."""
+
+
+class StateVersionError(ConfigurationError):
+    """Persisted state (bandit snapshot, rescorer model) has a schema version this code does
+    not read."""

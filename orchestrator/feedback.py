@@ -1,0 +1,121 @@
+"""Impressions and interactions: the durable event log that rewards are joined from.
+
+Consumes served responses (``record_impression``) and user actions (the pipeline calls
+``RedisBanditStore.apply`` with this log's duplicate marker and event, so the duplicate check,
+the posterior update and the event append are one atomic Lua script); produces the stored
+impression that feedback and ``explain`` read, and the ``<prefix>events`` stream that offline
+training (:func:`orchestrator.rescoring.dataset_from_events`) replays.
+
+Keys (``P`` = key prefix; full layout in :mod:`orchestrator.bandit_state`)::
+
+    P imp:<request_id>   impression JSON, TTL impression_ttl_s
+    P fb:<request_id>    set of "<item_id>\\x1f<action>" already counted, same TTL
+    P events             stream: {type: impression|feedback, data: JSON}, MAXLEN ~ stream_maxlen
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from .bandit_state import RedisBanditStore
+from .errors import ServiceUnavailableError, UnknownRequestError
+
+logger = logging.getLogger(__name__)
+
+_SEP = "\x1f"
+
+
+class FeedbackLog:
+    """Redis-backed impression store and event log.
+
+    Parameters
+    ----------
+    client:
+        Redis client.
+    store:
+        The bandit store (shares the prefix; counts impressions per arm).
+    impression_ttl_s:
+        How long feedback can still be given for a request (and ``explain`` works).
+    stream_maxlen:
+        Approximate cap of the events stream.
+    """
+
+    def __init__(self, client: redis.Redis, *, store: RedisBanditStore,
+                 impression_ttl_s: int = 7 * 24 * 3600, stream_maxlen: int = 200_000) -> None:
+        self.client = client
+        self.store = store
+        self.prefix = store.prefix
+        self.impression_ttl_s = impression_ttl_s
+        self.stream_maxlen = stream_maxlen
+
+    def _unavailable(self) -> ServiceUnavailableError:
+        return ServiceUnavailableError("Redis", self.store.url)
+
+    def impression_key(self, request_id: str) -> str:
+        return f"{self.prefix}imp:{request_id}"
+
+    def dedupe_key(self, request_id: str) -> str:
+        return f"{self.prefix}fb:{request_id}"
+
+    @staticmethod
+    def dedupe_member(item_id: str, action: str) -> str:
+        return f"{item_id}{_SEP}{action}"
+
+    def record_impression(self, impression: dict[str, Any], *, event: dict[str, Any],
+                          executed: Iterable[str]) -> None:
+        """Store the impression (TTL) and append its event, in one MULTI/EXEC."""
+        rid = impression["request_id"]
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.set(self.impression_key(rid), json.dumps(impression, separators=(",", ":")),
+                     ex=self.impression_ttl_s)
+            pipe.xadd(self.store.events_key,
+                      {"type": "impression", "data": json.dumps(event, separators=(",", ":"))},
+                      maxlen=self.stream_maxlen, approximate=True)
+            self.store.incr_impressions(executed, pipe)
+            pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self._unavailable() from exc
+
+    def get_impression(self, request_id: str) -> dict[str, Any]:
+        try:
+            raw = self.client.get(self.impression_key(request_id))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self._unavailable() from exc
+        if raw is None:
+            raise UnknownRequestError(request_id)
+        return json.loads(raw)
+
+    def counted(self, request_id: str) -> list[tuple[str, str]]:
+        """(item_id, action) pairs already counted for a request."""
+        try:
+            members = self.client.smembers(self.dedupe_key(request_id))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self._unavailable() from exc
+        out = []
+        for m in members:
+            m = m.decode() if isinstance(m, bytes) else m
+            item, _, action = m.rpartition(_SEP)
+            out.append((item, action))
+        return sorted(out)
+
+    def read_events(self, *, count: int = 10_000, start: str = "-") -> list[dict[str, Any]]:
+        """Events from the stream, oldest first, decoded (``{"type": ..., **data}``)."""
+        try:
+            raw = self.client.xrange(self.store.events_key, min=start, count=count)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self._unavailable() from exc
+        out = []
+        for entry_id, fields in raw:
+            f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                 for k, v in fields.items()}
+            data = json.loads(f.get("data", "{}"))
+            data["type"] = f.get("type")
+            data["event_id"] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            out.append(data)
+        return out

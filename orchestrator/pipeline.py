@@ -1,0 +1,577 @@
+"""The orchestrator: query -> understanding -> arm selection -> one _msearch -> merge ->
+rescore -> response (+ impression), and feedback -> rewards -> shared posteriors.
+
+Consumes a query string and optional request context; produces a :class:`SearchResponse`
+(request id, ranked results with provenance, explanation) and logs the impression to Redis.
+``feedback`` joins an action to that impression and updates the bandit atomically.
+
+Entry points for applications and the CLI::
+
+    orch = Orchestrator.from_settings(OrchestratorSettings(), es=my_client)  # es/redis optional
+    resp = orch.search("bohemian rhapsody", context={"device": "mobile"}, size=10)
+    orch.feedback(resp.request_id, resp.results[0].id, "play")
+    orch.explain(resp.request_id)
+    response_to_dict(resp)          # JSON-able (HTTP / ``ltrr search --json``)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import redis as redis_lib
+from elasticsearch import Elasticsearch
+
+from .arms import base_params, build_request, validate_query
+from .bandit_state import RedisBanditStore
+from .domain import (
+    ArmFailure,
+    ArmRequest,
+    ArmResult,
+    FeedbackResult,
+    ParsedQuery,
+    RankedItem,
+    RequestContext,
+    SearchResponse,
+    SelectionDecision,
+)
+from .errors import (
+    InvalidFeedbackError,
+    OrchestratorError,
+    QueryValidationError,
+    ServiceUnavailableError,
+)
+from .execution import MultiSearch
+from .feedback import FeedbackLog
+from .merging import Merger, UnionMerger
+from .rescoring import FeatureExtractor, LinearRescorer, Rescorer, load_latest
+from .rewards import ArmReward, RewardModel
+from .selection import (
+    ArmSelector,
+    ArmSpec,
+    ContextFeaturizer,
+    LinearThompsonSelector,
+    SelectionContext,
+    make_selector,
+)
+from .templates import SearchTemplate, TemplateRegistry
+from .text import normalize_query
+
+logger = logging.getLogger(__name__)
+
+#: Defaults of the settings this module reads (``settings.bandit`` / ``settings.feedback`` /
+#: ``settings.rescorer`` when the settings object has them; keyword overrides otherwise).
+BANDIT_DEFAULTS: dict[str, Any] = {
+    "policy": "linear", "total_budget": 60, "min_arms": 1, "max_arms": 3, "threshold": 0.3,
+    "min_budget": 10, "n_resamples": 200, "hash_dim": 16, "exploration": 0.5, "ridge": 1.0,
+    "prior_mean": 0.5, "refresh_interval_s": 1.0, "seed": None,
+    "bucket_keys": ("intent", "daypart"),
+}
+FEEDBACK_DEFAULTS: dict[str, Any] = {
+    "impression_ttl_s": 7 * 24 * 3600, "stream_maxlen": 200_000, "position_bias": "log2",
+    "max_weight": 3.0,
+}
+RESCORER_DEFAULTS: dict[str, Any] = {"model_dir": None}
+
+
+class Understander(Protocol):
+    def parse(self, text: str) -> ParsedQuery: ...
+
+
+def _slice(settings: Any, name: str, defaults: Mapping[str, Any],
+           overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = dict(defaults)
+    part = getattr(settings, name, None)
+    if part is not None:
+        data = part.model_dump() if hasattr(part, "model_dump") else dict(part)
+        out.update({k: v for k, v in data.items() if k in defaults})
+    if overrides:
+        unknown = sorted(set(overrides) - set(defaults))
+        if unknown:
+            raise OrchestratorError(f"unknown {name} option(s) {unknown}; known: {sorted(defaults)}")
+        out.update(overrides)
+    return out
+
+
+def _default_understander() -> Understander | None:
+    try:
+        from .understanding import get_understander  # type: ignore[attr-defined]
+
+        return get_understander()  # type: ignore[no-any-return]
+    except (ImportError, OrchestratorError, OSError) as exc:
+        logger.warning("query understanding unavailable (%s); searching without QU", exc)
+        return None
+
+
+def _fallback_applicable(template: SearchTemplate, parsed: ParsedQuery | None) -> bool:
+    need = template.meta.get("required_slots") or []
+    have = {s.category for s in parsed.slots} if parsed is not None else set()
+    return all(n in have for n in need)
+
+
+def _resolve_arms_api() -> tuple[Callable[..., list[ArmRequest]] | None, Callable[..., bool]]:
+    """``arms.build_requests`` / ``arms.applicable`` when arms.py provides them."""
+    from . import arms
+
+    return getattr(arms, "build_requests", None), getattr(arms, "applicable", _fallback_applicable)
+
+
+def _coerce_context(context: RequestContext | Mapping[str, Any] | None,
+                    now: _dt.datetime | None = None) -> RequestContext:
+    if isinstance(context, RequestContext):
+        ctx = context
+    else:
+        data = dict(context or {})
+        known = {"hour", "weekday", "device", "locale", "user_segment", "user_id"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise QueryValidationError(f"unknown context field(s) {unknown}; known: {sorted(known)}")
+        ctx = RequestContext(**data)
+    if ctx.hour is not None and not 0 <= ctx.hour < 24:
+        raise QueryValidationError(f"context.hour must be in [0, 23], got {ctx.hour}")
+    if ctx.weekday is not None and not 0 <= ctx.weekday < 7:
+        raise QueryValidationError(f"context.weekday must be in [0, 6] (Monday=0), got {ctx.weekday}")
+    if ctx.hour is None or ctx.weekday is None:
+        now = now or _dt.datetime.now(_dt.timezone.utc)
+        ctx = RequestContext(ctx.hour if ctx.hour is not None else now.hour,
+                             ctx.weekday if ctx.weekday is not None else now.weekday(),
+                             ctx.device, ctx.locale, ctx.user_segment, ctx.user_id)
+    return ctx
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def parsed_summary(parsed: ParsedQuery | None) -> dict[str, Any]:
+    if parsed is None:
+        return {}
+    return {"intent": parsed.intent, "language": parsed.language, "normalized": parsed.normalized,
+            "slots": [{"category": s.category, "value": s.value, "confidence": round(s.confidence, 3)}
+                      for s in parsed.slots]}
+
+
+def _provenance(item: RankedItem) -> list[dict[str, Any]]:
+    return [{"arm": p.arm, "template_id": p.template_id, "rank": p.rank,
+             "score": round(p.score, 5), "norm_score": round(p.norm_score, 4)} for p in item.provenance]
+
+
+def decision_to_dict(decision: SelectionDecision) -> dict[str, Any]:
+    return {
+        "policy": decision.policy, "total_budget": decision.total_budget,
+        "n_resamples": decision.n_resamples,
+        "chosen": [{"arm": c.arm, "template_id": c.template_id, "budget": c.budget,
+                    "sampled": round(c.sampled, 5), "propensity": round(c.propensity, 5)}
+                   for c in decision.choices],
+        "sampled": {k: round(v, 5) for k, v in decision.sampled.items()},
+        "expected": {k: round(v, 5) for k, v in decision.expected.items()},
+        "propensities": {k: round(v, 5) for k, v in decision.propensities.items()},
+    }
+
+
+def response_to_dict(resp: SearchResponse, *, include_source: bool = True) -> dict[str, Any]:
+    """JSON-able form of a response (HTTP body, ``ltrr search --json``)."""
+    results = []
+    for it in resp.results:
+        src = it.source
+        row: dict[str, Any] = {
+            "id": it.id, "rank": it.rank, "score": round(it.score, 6),
+            "entity_type": src.get("entity_type"), "title": src.get("title"),
+            "artist": src.get("artist"), "provenance": _provenance(it),
+        }
+        if include_source:
+            row["source"] = src
+        results.append(row)
+    return {
+        "request_id": resp.request_id,
+        "query": resp.query,
+        "results": results,
+        "explanation": {
+            **decision_to_dict(resp.decision),
+            "failures": [{"arm": f.arm, "template_id": f.template_id, "status": f.status,
+                          "reason": f.reason} for f in resp.failures],
+            "parsed": resp.parsed,
+            "context": resp.context.to_dict(),
+            "rescorer": resp.rescorer,
+            "timings_ms": resp.timings_ms,
+        },
+    }
+
+
+class Orchestrator:
+    """Wires the stages. Build it with :meth:`from_settings`; every collaborator can also be
+    injected (tests pass fakes for the understander, an in-memory store ...).
+
+    Parameters
+    ----------
+    es, redis:
+        Clients (the application's own Elasticsearch client is fine).
+    registry:
+        Arm templates.
+    multisearch:
+        Executes the chosen arms in one ``_msearch``.
+    featurizer, selector:
+        Context features and the arm-selection policy.
+    store, log:
+        Bandit statistics and the impression/event log (Redis).
+    rescorer:
+        Final ordering (default: RRF plus priors).
+    understander:
+        ``parse(text) -> ParsedQuery``, or None (no QU; arms requiring slots are skipped).
+    learner:
+        Which model feedback updates (default: the selector; set a Thompson selector here
+        when serving with a baseline, to learn off-policy from its logs).
+    encoder_factory:
+        Returns an object with ``encode(list[str])``; called on first use of an arm that
+        needs ``query_vector``.
+    total_budget, max_results, max_query_chars:
+        Candidate budget over all arms; limits.
+    """
+
+    def __init__(self, *, es: Elasticsearch, redis: redis_lib.Redis, registry: TemplateRegistry,
+                 multisearch: MultiSearch, featurizer: ContextFeaturizer, selector: ArmSelector,
+                 store: RedisBanditStore, log: FeedbackLog, rescorer: Rescorer | None = None,
+                 merger: Merger | None = None, understander: Understander | None = None,
+                 learner: ArmSelector | None = None, reward_model: RewardModel | None = None,
+                 encoder_factory: Callable[[], Any] | None = None, total_budget: int = 60,
+                 max_results: int = 200, max_query_chars: int = 256, es_url: str = "",
+                 redis_url: str = "") -> None:
+        self.es = es
+        self.redis = redis
+        self.registry = registry
+        self.multisearch = multisearch
+        self.featurizer = featurizer
+        self.selector = selector
+        self.learner = learner or selector
+        self.store = store
+        self.log = log
+        self.rescorer = rescorer or LinearRescorer.default()
+        self.merger = merger or UnionMerger()
+        self.understander = understander
+        self.reward_model = reward_model or RewardModel()
+        self.encoder_factory = encoder_factory
+        self._encoder: Any = None
+        self.total_budget = total_budget
+        self.max_results = max_results
+        self.max_query_chars = max_query_chars
+        self.es_url = es_url
+        self.redis_url = redis_url
+        self.extractor = FeatureExtractor([t.arm for t in registry])
+        self._specs = {t.id: ArmSpec.from_template(t) for t in registry}
+        self._build_requests, self._applicable = _resolve_arms_api()
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Any, *, es: Elasticsearch | None = None,
+                      redis: redis_lib.Redis | None = None,
+                      understander: Understander | None | str = "auto",
+                      registry: TemplateRegistry | None = None, selector: ArmSelector | None = None,
+                      rescorer: Rescorer | None = None, encoder_factory: Callable[[], Any] | None = None,
+                      bandit: Mapping[str, Any] | None = None,
+                      feedback: Mapping[str, Any] | None = None,
+                      rescoring: Mapping[str, Any] | None = None,
+                      check_services: bool = True) -> Orchestrator:
+        """Build from :class:`OrchestratorSettings` (``es``, ``redis``, ``templates``, ``limits``
+        slices; ``bandit`` / ``feedback`` / ``rescorer`` slices when present, else the
+        ``*_DEFAULTS`` of this module, each overridable by the keyword dicts).
+
+        Raises
+        ------
+        ServiceUnavailableError
+            Elasticsearch or Redis is down (``check_services``).
+        """
+        from .es_client import build_client, node_capabilities
+        from .es_client import check_available as es_check
+        from .redis_client import build_redis
+        from .redis_client import check_available as redis_check
+
+        b = _slice(settings, "bandit", BANDIT_DEFAULTS, bandit)
+        f = _slice(settings, "feedback", FEEDBACK_DEFAULTS, feedback)
+        r = _slice(settings, "rescorer", RESCORER_DEFAULTS, rescoring)
+        es = es if es is not None else build_client(settings.es)
+        redis = redis if redis is not None else build_redis(settings.redis)
+        if check_services:
+            es_check(es, settings.es.url)
+            redis_check(redis, settings.redis.url)
+        registry = registry or TemplateRegistry.from_dir(settings.templates.dir)
+        mode = settings.templates.mode
+        if mode == "auto":
+            mode = "stored" if node_capabilities(es).stored_templates else "local"
+        ms = MultiSearch(es, index=settings.es.catalog_alias, registry=registry, mode=mode,
+                         max_param_bytes=settings.limits.max_param_bytes)
+        featurizer = ContextFeaturizer(hash_dim=b["hash_dim"], bucket_keys=b["bucket_keys"])
+        store = RedisBanditStore(redis, prefix=settings.redis.key_prefix, dim=featurizer.dim,
+                                 stream_maxlen=f["stream_maxlen"], url=settings.redis.url)
+        store.check_schema()
+        learner = None
+        if selector is None:
+            common = {k: b[k] for k in ("min_arms", "max_arms", "threshold", "min_budget", "n_resamples")}
+            if b["policy"] == "linear":
+                selector = LinearThompsonSelector(
+                    store, exploration=b["exploration"], ridge=b["ridge"], prior_mean=b["prior_mean"],
+                    refresh_interval_s=b["refresh_interval_s"], random_state=b["seed"], **common)
+            elif b["policy"] == "simple":
+                selector = make_selector("simple", store, refresh_interval_s=b["refresh_interval_s"],
+                                         random_state=b["seed"], **common)
+            else:
+                selector = make_selector(b["policy"], store, **(
+                    {"min_arms": b["min_arms"], "max_arms": b["max_arms"], "random_state": b["seed"]}
+                    if b["policy"] == "uniform" else {}))
+        if not isinstance(selector, (LinearThompsonSelector,)) and not hasattr(selector, "store"):
+            learner = LinearThompsonSelector(store, exploration=b["exploration"], ridge=b["ridge"],
+                                             prior_mean=b["prior_mean"],
+                                             refresh_interval_s=b["refresh_interval_s"])
+        if rescorer is None:
+            model_dir = r["model_dir"]
+            rescorer = load_latest(Path(model_dir) if model_dir else None)
+        if understander == "auto":
+            understander = _default_understander()
+        if encoder_factory is None:
+            def encoder_factory() -> Any:
+                from .embeddings import get_encoder
+
+                return get_encoder(settings.embedding)
+        return cls(
+            es=es, redis=redis, registry=registry, multisearch=ms, featurizer=featurizer,
+            selector=selector, store=store,
+            log=FeedbackLog(redis, store=store, impression_ttl_s=f["impression_ttl_s"],
+                            stream_maxlen=f["stream_maxlen"]),
+            rescorer=rescorer, understander=understander,  # type: ignore[arg-type]
+            learner=learner,
+            reward_model=RewardModel(position_bias=f["position_bias"], max_weight=f["max_weight"]),
+            encoder_factory=encoder_factory, total_budget=b["total_budget"],
+            max_results=settings.limits.max_results, max_query_chars=settings.limits.max_query_chars,
+            es_url=settings.es.url, redis_url=settings.redis.url,
+        )
+
+    # -- search --------------------------------------------------------------------------------
+    def eligible_arms(self, parsed: ParsedQuery | None) -> list[ArmSpec]:
+        return [self._specs[t.id] for t in self.registry if self._applicable(t, parsed)]
+
+    def _requests(self, parsed: ParsedQuery | None, query: str, budgets: dict[str, int],
+                  vector: list[float] | None) -> list[ArmRequest]:
+        if self._build_requests is not None:
+            return self._build_requests(self.registry, parsed, query, budgets=budgets, vector=vector)
+        out = []
+        for arm, budget in budgets.items():
+            avail = base_params(query, size=budget)
+            if vector is not None:
+                avail["query_vector"] = vector
+            out.append(build_request(self.registry.get(arm), avail))
+        return out
+
+    def _vector(self, query: str, arms: Sequence[str]) -> list[float] | None:
+        needs = any(any(p.name == "query_vector" for p in self.registry.get(a).params) for a in arms)
+        if not needs or self.encoder_factory is None:
+            return None
+        if self._encoder is None:
+            self._encoder = self.encoder_factory()
+        return [float(v) for v in self._encoder.encode([query])[0]]
+
+    def search(self, query: str, *, context: RequestContext | Mapping[str, Any] | None = None,
+               size: int = 10, total_budget: int | None = None) -> SearchResponse:
+        """Run the whole pipeline for ``query``.
+
+        Raises
+        ------
+        QueryValidationError
+            Empty, oversized or malformed query, bad ``size`` or context.
+        ServiceUnavailableError
+            Elasticsearch or Redis is down.
+        """
+        t0 = time.perf_counter()
+        q = validate_query(query, max_chars=self.max_query_chars)
+        if not isinstance(size, int) or not 1 <= size <= self.max_results:
+            raise QueryValidationError(f"size must be in [1, {self.max_results}], got {size!r}")
+        budget = max(total_budget or self.total_budget, size)
+        ctx = _coerce_context(context)
+        rid = str(uuid.uuid4())
+        timings: dict[str, float] = {}
+
+        t = time.perf_counter()
+        parsed = self.understander.parse(q) if self.understander is not None else None
+        timings["qu"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        sel_ctx = self.featurizer.transform(parsed, ctx, q)
+        eligible = self.eligible_arms(parsed)
+        decision = self.selector.select(sel_ctx, eligible, total_budget=budget)
+        timings["select"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        vector = self._vector(q, [c.template_id for c in decision.choices])
+        timings["encode"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        requests = self._requests(parsed, q, decision.budgets, vector)
+        timings["build"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        results = self.multisearch.execute(requests, opaque_id=rid) if requests else []
+        timings["es"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        candidates = self.merger.merge(results)
+        timings["merge"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        ranked = self.rescorer.rank(candidates, query=q, parsed=parsed, extractor=self.extractor)[:size]  # type: ignore[call-arg]
+        items = tuple(RankedItem(c.id, pos, s, c.source, c.provenance,
+                                 dict(zip(self.extractor.names, x.tolist())))
+                      for pos, (c, s, x) in enumerate(ranked, start=1))
+        timings["rescore"] = time.perf_counter() - t
+
+        failures = tuple(r for r in results if isinstance(r, ArmFailure))
+        executed = [r.template_id for r in results if isinstance(r, ArmResult)]
+        timings_ms = {k: round(v * 1000, 3) for k, v in timings.items()}
+        timings_ms["es_took_max"] = float(max((r.took_ms for r in results if isinstance(r, ArmResult)), default=0))
+        resp = SearchResponse(rid, q, items, decision, failures, parsed_summary(parsed), ctx,
+                              getattr(self.rescorer, "name", type(self.rescorer).__name__), timings_ms)
+
+        t = time.perf_counter()
+        self._record(resp, sel_ctx, executed)
+        if not items and executed:
+            self._reward_empty(resp, sel_ctx, executed)
+        timings_ms["log"] = round((time.perf_counter() - t) * 1000, 3)
+        timings_ms["overhead"] = round(sum(timings_ms[k] for k in ("qu", "select", "build", "merge", "rescore")), 3)
+        timings_ms["total"] = round((time.perf_counter() - t0) * 1000, 3)
+        logger.info("search %s arms=%s failures=%d total_ms=%.1f es_ms=%.1f", rid,
+                    [c.template_id for c in decision.choices], len(failures),
+                    timings_ms["total"], timings_ms["es"])
+        return resp
+
+    def _record(self, resp: SearchResponse, sel_ctx: SelectionContext, executed: list[str]) -> None:
+        decision = decision_to_dict(resp.decision)
+        for c in decision["chosen"]:
+            c["action_features"] = [list(x) for x in self._specs[c["template_id"]].action_features] \
+                if c["template_id"] in self._specs else []
+        shown = [{"id": it.id, "rank": it.rank, "score": round(it.score, 6),
+                  "arms": [p.template_id for p in it.provenance], "provenance": _provenance(it)}
+                 for it in resp.results]
+        impression = {
+            "request_id": resp.request_id, "ts": _now_iso(), "query": resp.query,
+            "query_key": normalize_query(resp.query),
+            "intent": resp.parsed.get("intent"),
+            "chosen_arms": [c.template_id for c in resp.decision.choices],
+            "parsed": resp.parsed, "context": resp.context.to_dict(), "selection": sel_ctx.to_dict(),
+            "decision": decision, "executed": executed,
+            "failures": [{"arm": f.arm, "template_id": f.template_id, "status": f.status,
+                          "reason": f.reason} for f in resp.failures],
+            "shown": shown, "rescorer": resp.rescorer, "timings_ms": resp.timings_ms,
+        }
+        event = {**impression, "feature_names": list(self.extractor.names),
+                 "shown": [{**s, "features": [round(v, 6) for v in it.features.values()]}
+                           for s, it in zip(shown, resp.results)]}
+        self.log.record_impression(impression, event=event, executed=executed)
+
+    def _reward_empty(self, resp: SearchResponse, sel_ctx: SelectionContext,
+                      executed: list[str]) -> None:
+        """Nothing to show: no interaction can ever reward or blame the arms that ran, so they
+        get their (zero) observation now (see :mod:`orchestrator.rewards`)."""
+        by_tid = {c.template_id: c for c in resp.decision.choices}
+        rewards = [ArmReward(by_tid[t].arm, t, 0.0, 1.0, self._specs[t].action_features)
+                   for t in executed if t in by_tid and t in self._specs]
+        event = {"request_id": resp.request_id, "item_id": None, "action": "empty",
+                 "rewards": {r.template_id: 0.0 for r in rewards}, "rewarded_arms": [],
+                 "query": resp.query, "ts": _now_iso()}
+        self.store.apply(self.learner.updates_for(sel_ctx, rewards),
+                         dedupe=(self.log.dedupe_key(resp.request_id), "\x1fempty",
+                                 self.log.impression_ttl_s), event=event)
+
+    # -- feedback ------------------------------------------------------------------------------
+    def feedback(self, request_id: str, item_id: str, action: str) -> FeedbackResult:
+        """Count one user action on a shown item; idempotent per (request, item, action).
+
+        Raises
+        ------
+        UnknownRequestError
+            The request id was never served or its impression expired.
+        InvalidFeedbackError
+            Unknown action, or an item the request did not show.
+        ServiceUnavailableError
+            Redis is down.
+        """
+        self.reward_model.check_action(action)
+        imp = self.log.get_impression(request_id)
+        item = next((s for s in imp["shown"] if s["id"] == item_id), None)
+        if item is None:
+            shown = [s["id"] for s in imp["shown"]]
+            raise InvalidFeedbackError(
+                f"item {item_id!r} was not shown for request {request_id!r}; shown: {shown[:10]}"
+                + (" ..." if len(shown) > 10 else "")
+            )
+        executed_ids = set(imp["executed"])
+        executed = [(c["arm"], c["template_id"], tuple(tuple(x) for x in c.get("action_features", [])))
+                    for c in imp["decision"]["chosen"] if c["template_id"] in executed_ids]
+        rewards = self.reward_model.arm_rewards(action=action, position=int(item["rank"]),
+                                                item_arms=item["arms"], executed=executed)
+        sel_ctx = SelectionContext.from_dict(imp["selection"])
+        updates = self.learner.updates_for(sel_ctx, rewards)
+        weight = self.reward_model.weight(int(item["rank"]), action)
+        reward_map = {r.template_id: r.reward for r in rewards}
+        event = {"request_id": request_id, "item_id": item_id, "action": action,
+                 "position": int(item["rank"]), "rank": int(item["rank"]), "weight": weight,
+                 "rewards": reward_map,
+                 "rewarded_arms": [t for t, v in reward_map.items() if v > 0],
+                 "query": imp.get("query"), "intent": imp.get("intent"), "ts": _now_iso()}
+        applied = self.store.apply(
+            updates,
+            dedupe=(self.log.dedupe_key(request_id), self.log.dedupe_member(item_id, action),
+                    self.log.impression_ttl_s),
+            event=event,
+        )
+        return FeedbackResult(request_id, item_id, action, not applied, int(item["rank"]),
+                              weight, reward_map)
+
+    # -- introspection -------------------------------------------------------------------------
+    def explain(self, request_id: str) -> dict[str, Any]:
+        """The stored impression (decision, propensities, failures, shown items with
+        provenance) plus the feedback counted so far."""
+        imp = self.log.get_impression(request_id)
+        imp["feedback"] = [{"item_id": i, "action": a} for i, a in self.log.counted(request_id)]
+        return imp
+
+    def arms(self) -> list[dict[str, Any]]:
+        """Every arm with its sidecar metadata, times executed and posterior summary."""
+        specs = [self._specs[t.id] for t in self.registry]
+        impressions = self.store.impressions()
+        summary: dict[str, dict[str, float]] = {}
+        learner = self.learner
+        if isinstance(learner, LinearThompsonSelector):
+            learner.refresh(specs)  # fresh, whatever the refresh interval: /arms is for humans
+            summary = learner.summary(specs)
+        out = []
+        for t in self.registry:
+            out.append({
+                "arm": t.arm, "template_id": t.id, "version": t.version,
+                "description": t.meta.get("description", ""),
+                "required_slots": t.meta.get("required_slots", []),
+                "action_features": t.meta.get("action_features", {}),
+                "params": [p.name for p in t.params],
+                "impressions": impressions.get(t.id, 0),
+                **summary.get(t.id, {}),
+            })
+        return out
+
+    def health(self) -> dict[str, str]:
+        """``{"elasticsearch": "ok" | error, "redis": "ok" | error}``."""
+        from .es_client import check_available as es_check
+        from .redis_client import check_available as redis_check
+
+        out = {}
+        for name, fn in (("elasticsearch", lambda: es_check(self.es, self.es_url)),
+                         ("redis", lambda: redis_check(self.redis, self.redis_url))):
+            try:
+                fn()
+                out[name] = "ok"
+            except ServiceUnavailableError as exc:
+                out[name] = str(exc)
+        return out
+
+
+__all__ = ["Orchestrator", "decision_to_dict", "parsed_summary", "response_to_dict"]

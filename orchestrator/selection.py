@@ -1,0 +1,645 @@
+"""Choose which arms run for a query and how many candidates each may return.
+
+Consumes a :class:`SelectionContext` (query-understanding features + request context, built by
+:class:`ContextFeaturizer`) and the eligible arms (:class:`ArmSpec`: template id + sidecar
+``action_features``); produces a :class:`~orchestrator.domain.SelectionDecision` whose
+budgets go to ``arms.build_requests``. Learned state lives in a
+:class:`~orchestrator.bandit_state.BanditStore` (Redis in production), so every process
+shares it.
+
+Policies (all behind :class:`ArmSelector`)
+------------------------------------------
+``LinearThompsonSelector`` (default, "linear")
+    Contextual Thompson sampling with one Bayesian linear regression per arm (LinTS,
+    Agrawal & Goyal 2013) over a context vector ``x`` (bias, one slot per closed-vocabulary
+    feature, CRC32 feature hashing for open-ended ones; non-bias part L2-normalised). With sufficient statistics ``A_a = sum w x x^T`` and
+    ``b_a = sum w r x`` the posterior is ``theta_a ~ N(mu_a, v^2 (lam I + A_a)^-1)`` with
+    ``mu_a = (lam I + A_a)^-1 (b_a + lam * prior_a)``.
+    *Action features* give the prior: every sidecar ``action_features`` value
+    (``source=lexical``, ``fuzzy=true`` ...) has its own pooled regression fitted on the
+    rewards of every arm that has that value, and ``prior_a`` is the mean of those pooled
+    posterior means (an empirical-Bayes / hierarchical prior). A new arm therefore starts
+    from what similar arms learned in this context, and its own data takes over as it
+    accumulates (no dilution of arm-specific evidence). Pooled models start at
+    ``prior_mean`` on the bias. Sampling is ``N(x.mu_a, v^2 x^T A^-1 x)`` per arm: the
+    marginal of the sampled linear score, so no ``d``-dimensional draw is needed.
+``BetaThompsonSelector`` ("simple")
+    Beta-Bernoulli per (arm, context bucket), bucket = e.g. ``intent|daypart|device``.
+    Fractional rewards update ``alpha += w r``, ``beta += w (1 - r)``. Sparse buckets back off
+    to the arm's global rate: ``Beta(1 + a_b + k p, 1 + f_b + k (1 - p))`` with ``p`` the
+    arm's all-context mean and ``k = backoff`` pseudo-counts; Beta(1, 1) is the base prior
+    because Beta is undefined at 0.
+``UniformRandomSelector`` / ``FixedPlanSelector``
+    Baselines: random subset with equal budgets (exact propensities), or a fixed plan
+    (propensity 1).
+
+Subset and budgets (Thompson policies): draw one value per eligible arm; rank the draws;
+keep the top ``min_arms`` arms always and further arms up to ``max_arms`` whose draw is at
+least ``threshold``. ``total_budget`` is split over the kept arms proportionally to their
+draws (floored at ``budget_floor``), after giving each ``min_budget``; rounding by largest
+remainder, so the budgets sum to the total.
+
+Propensities: the same rule applied to ``n_resamples`` further posterior draws (seeded
+``numpy.random.Generator``); an arm's inclusion propensity is the fraction of the
+``n_resamples + 1`` draws (the decision's own draw included, so a chosen arm never gets 0)
+that include it. Cost: one ``(n+1) x K`` normal draw and an argsort, ~50 us for K=5, n=200.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from .bandit_state import BanditStore, BetaUpdate, LinearUpdate, StatUpdate
+from .domain import (
+    INTENTS,
+    SLOT_CATEGORIES,
+    ArmChoice,
+    ParsedQuery,
+    RequestContext,
+    SelectionDecision,
+)
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .rewards import ArmReward
+    from .templates import SearchTemplate
+
+logger = logging.getLogger(__name__)
+
+_DAYPARTS = ((0, 6, "night"), (6, 12, "morning"), (12, 18, "afternoon"), (18, 24, "evening"))
+_QLEN = ("1", "2", "3-4", "5+")
+#: Features of closed vocabularies get their own dimension (no hash collisions among the
+#: features that matter most); open-ended ones (device, locale, qu:* ...) are hashed.
+RESERVED_FEATURES: tuple[str, ...] = (
+    tuple(f"intent={i}" for i in (*INTENTS, "unknown"))
+    + tuple(f"slot={c}" for c in SLOT_CATEGORIES)
+    + tuple(f"qlen={q}" for q in _QLEN)
+    + tuple(f"daypart={d}" for _, _, d in _DAYPARTS)
+    + ("weekend=0", "weekend=1")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ArmSpec:
+    """An eligible arm as the selector sees it: names plus the sidecar's action features."""
+
+    arm: str
+    template_id: str
+    action_features: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_template(cls, template: SearchTemplate) -> ArmSpec:
+        af = template.meta.get("action_features") or {}
+        return cls(template.arm, template.id, _action_items(af))
+
+    @property
+    def pooled_components(self) -> tuple[str, ...]:
+        return tuple(f"af:{k}={v}" for k, v in self.action_features)
+
+    @property
+    def component(self) -> str:
+        return f"arm:{self.template_id}"
+
+
+def _action_items(af: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    def text(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return tuple(sorted((str(k), text(v)) for k, v in af.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionContext:
+    """The selector's view of one request: named features (logged), their hashed sparse
+    vector (``indices`` strictly increasing, index 0 = bias) and the Beta-mode bucket."""
+
+    features: dict[str, float] = field(hash=False, compare=False)
+    indices: tuple[int, ...]
+    values: tuple[float, ...]
+    bucket: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": self.features, "indices": list(self.indices),
+                "values": list(self.values), "bucket": self.bucket}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SelectionContext:
+        return cls(dict(d.get("features", {})), tuple(int(i) for i in d["indices"]),
+                   tuple(float(v) for v in d["values"]), str(d["bucket"]))
+
+
+def daypart(hour: int) -> str:
+    for lo, hi, name in _DAYPARTS:
+        if lo <= hour < hi:
+            return name
+    raise ValueError(f"hour must be in [0, 24), got {hour}")
+
+
+def _length_bucket(n_tokens: int) -> str:
+    return "1" if n_tokens <= 1 else "2" if n_tokens == 2 else "3-4" if n_tokens <= 4 else "5+"
+
+
+class ContextFeaturizer:
+    """Build the context vector from QU output and request context.
+
+    Named features: ``intent=<label>`` (probabilities when QU gives them, else one-hot; ``unknown``
+    without QU), ``slot=<category>`` presence, ``qlen=<bucket>`` (tokens), ``lang=<code>``,
+    ``qu:<name>`` for every numeric ``ParsedQuery.features`` entry (clipped to +-``max_abs``),
+    ``daypart=<night|morning|afternoon|evening>``, ``weekend=<0|1>``, ``device=``, ``locale=``,
+    ``segment=``. Slot 0 is the bias; the closed-vocabulary features
+    (:data:`RESERVED_FEATURES`) get one slot each; the rest are hashed (CRC32: stable across
+    processes, unlike ``hash()``; unsigned, so two colliding features add up rather than
+    cancel) into ``hash_dim`` further slots. The non-bias part is L2-normalised.
+
+    Parameters
+    ----------
+    hash_dim:
+        Hashed slots (the vector has ``1 + len(RESERVED_FEATURES) + hash_dim`` dimensions).
+    bucket_keys:
+        Which of ``intent``, ``daypart``, ``weekend``, ``device``, ``locale``, ``segment``,
+        ``qlen`` form the Beta-mode bucket.
+    use_qu_features:
+        Include ``ParsedQuery.features`` (``qu:*``).
+    """
+
+    _BUCKET_KEYS = ("intent", "daypart", "weekend", "device", "locale", "segment", "qlen")
+
+    def __init__(self, *, hash_dim: int = 16, bucket_keys: Sequence[str] = ("intent", "daypart"),
+                 use_qu_features: bool = True, max_abs: float = 5.0) -> None:
+        bad = sorted(set(bucket_keys) - set(self._BUCKET_KEYS))
+        if bad:
+            raise ConfigurationError(f"unknown bucket key(s) {bad}; use {list(self._BUCKET_KEYS)}")
+        if hash_dim < 1:
+            raise ConfigurationError("hash_dim must be >= 1")
+        self.hash_dim = hash_dim
+        self.bucket_keys = tuple(bucket_keys)
+        self.use_qu_features = use_qu_features
+        self.max_abs = max_abs
+        self._slot_cache: dict[str, int] = {n: 1 + i for i, n in enumerate(RESERVED_FEATURES)}
+
+    @property
+    def dim(self) -> int:
+        return 1 + len(RESERVED_FEATURES) + self.hash_dim
+
+    def _slot(self, name: str) -> int:
+        hit = self._slot_cache.get(name)
+        if hit is None:
+            hit = 1 + len(RESERVED_FEATURES) + zlib.crc32(name.encode("utf-8")) % self.hash_dim
+            if len(self._slot_cache) < 100_000:
+                self._slot_cache[name] = hit
+        return hit
+
+    def features(self, parsed: ParsedQuery | None, context: RequestContext | None,
+                 query: str) -> tuple[dict[str, float], dict[str, str]]:
+        """Named features and the categorical values used for the bucket."""
+        f: dict[str, float] = {}
+        cat: dict[str, str] = {}
+        if parsed is not None:
+            if parsed.intent_probs:
+                for k, p in parsed.intent_probs.items():
+                    if p > 0.01:
+                        f[f"intent={k}"] = float(p)
+            else:
+                f[f"intent={parsed.intent}"] = 1.0
+            cat["intent"] = parsed.intent
+            for s in parsed.slots:
+                f[f"slot={s.category}"] = 1.0
+            if parsed.language:
+                f[f"lang={parsed.language}"] = 1.0
+            if self.use_qu_features:
+                for k, v in parsed.features.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v != 0:
+                        f[f"qu:{k}"] = max(-self.max_abs, min(self.max_abs, float(v)))
+        else:
+            f["intent=unknown"] = 1.0
+            cat["intent"] = "unknown"
+        qlen = _length_bucket(len(query.split()))
+        f[f"qlen={qlen}"] = 1.0
+        cat["qlen"] = qlen
+        if context is not None:
+            if context.hour is not None:
+                cat["daypart"] = daypart(context.hour)
+                f[f"daypart={cat['daypart']}"] = 1.0
+            if context.weekday is not None:
+                cat["weekend"] = "1" if context.weekday >= 5 else "0"
+                f[f"weekend={cat['weekend']}"] = 1.0
+            for key, value in (("device", context.device), ("locale", context.locale),
+                               ("segment", context.user_segment)):
+                if value:
+                    cat[key] = str(value).lower()
+                    f[f"{key}={cat[key]}"] = 1.0
+        return f, cat
+
+    def transform(self, parsed: ParsedQuery | None, context: RequestContext | None,
+                  query: str) -> SelectionContext:
+        f, cat = self.features(parsed, context, query)
+        acc: dict[int, float] = {}
+        for name, v in f.items():
+            i = self._slot(name)
+            acc[i] = acc.get(i, 0.0) + v
+        norm = math.sqrt(sum(v * v for v in acc.values())) or 1.0
+        items = sorted((i, v / norm) for i, v in acc.items() if v != 0.0)
+        indices = (0,) + tuple(i for i, _ in items)
+        values = (1.0,) + tuple(v for _, v in items)
+        bucket = "|".join(f"{k}={cat.get(k, '-')}" for k in self.bucket_keys)
+        return SelectionContext(f, indices, values, bucket)
+
+
+class ArmSelector(Protocol):
+    """Extension point: anything that turns a context and eligible arms into a decision."""
+
+    name: str
+
+    def select(self, context: SelectionContext, arms: Sequence[ArmSpec], *,
+               total_budget: int) -> SelectionDecision: ...
+
+    def updates_for(self, context: SelectionContext,
+                    rewards: Sequence[ArmReward]) -> list[StatUpdate]: ...
+
+
+def inclusion_mask(samples: np.ndarray, *, min_arms: int, max_arms: int,
+                   threshold: float) -> np.ndarray:
+    """Rows of draws (R x K) -> which arms each row includes (the subset rule)."""
+    r, k = samples.shape
+    order = np.argsort(-samples, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(k), (r, k)), axis=1)
+    return (ranks < min_arms) | ((ranks < max_arms) & (samples >= threshold))
+
+
+def allocate_budgets(values: Sequence[float], *, total: int, min_budget: int,
+                     floor: float = 0.05) -> list[int]:
+    """Split ``total`` over arms: ``min_budget`` each, the rest proportional to ``values``
+    (floored at ``floor``), largest-remainder rounding. Sums to ``total`` when
+    ``total >= len(values) * min_budget``."""
+    n = len(values)
+    if n == 0:
+        return []
+    base = min(min_budget, total // n)
+    rest = total - base * n
+    w = np.maximum(np.asarray(values, dtype=float), floor)
+    share = rest * w / w.sum()
+    alloc = np.floor(share).astype(int)
+    left = rest - int(alloc.sum())
+    if left > 0:
+        for i in np.argsort(-(share - alloc), kind="stable")[:left]:
+            alloc[i] += 1
+    return [base + int(a) for a in alloc]
+
+
+class _ThompsonBase:
+    """Shared subset/budget/propensity logic; subclasses provide the posterior draws."""
+
+    name = "thompson"
+
+    def __init__(self, store: BanditStore, *, min_arms: int = 1, max_arms: int = 3,
+                 threshold: float = 0.3, min_budget: int = 10, budget_floor: float = 0.05,
+                 n_resamples: int = 200, random_state: int | np.random.Generator | None = None) -> None:
+        if not 1 <= min_arms <= max_arms:
+            raise ConfigurationError(f"need 1 <= min_arms <= max_arms, got {min_arms}, {max_arms}")
+        self.store = store
+        self.min_arms = min_arms
+        self.max_arms = max_arms
+        self.threshold = threshold
+        self.min_budget = min_budget
+        self.budget_floor = budget_floor
+        self.n_resamples = n_resamples
+        self.random_state = random_state
+        self.rng_ = (random_state if isinstance(random_state, np.random.Generator)
+                     else np.random.default_rng(random_state))
+        self._lock = threading.Lock()
+
+    def get_params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("min_arms", "max_arms", "threshold", "min_budget",
+                                              "budget_floor", "n_resamples", "random_state")}
+
+    def _draws(self, context: SelectionContext, arms: Sequence[ArmSpec],
+               n_rows: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def expectations(self, context: SelectionContext, arms: Sequence[ArmSpec]) -> dict[str, float]:
+        """Posterior mean reward of each arm in this context (``{template_id: mean}``)."""
+        with self._lock:
+            mean, _ = self._draws(context, arms, 0)
+        return {a.template_id: float(m) for a, m in zip(arms, mean)}
+
+    def select(self, context: SelectionContext, arms: Sequence[ArmSpec], *,
+               total_budget: int) -> SelectionDecision:
+        if not arms:
+            return SelectionDecision(self.name, (), total_budget)
+        with self._lock:
+            mean, draws = self._draws(context, arms, self.n_resamples + 1)
+        mask = inclusion_mask(draws, min_arms=self.min_arms, max_arms=self.max_arms,
+                              threshold=self.threshold)
+        prop = mask.mean(axis=0)
+        first = draws[0]
+        chosen = [i for i in np.argsort(-first, kind="stable") if mask[0, i]]
+        budgets = allocate_budgets([float(first[i]) for i in chosen], total=total_budget,
+                                   min_budget=self.min_budget, floor=self.budget_floor)
+        choices = tuple(
+            ArmChoice(arms[i].arm, arms[i].template_id, b, float(first[i]), float(prop[i]))
+            for i, b in zip(chosen, budgets) if b > 0
+        )
+        return SelectionDecision(
+            self.name, choices, total_budget,
+            sampled={a.template_id: float(first[i]) for i, a in enumerate(arms)},
+            expected={a.template_id: float(mean[i]) for i, a in enumerate(arms)},
+            propensities={a.template_id: float(prop[i]) for i, a in enumerate(arms)},
+            n_resamples=self.n_resamples,
+        )
+
+    def partial_fit(self, context: SelectionContext, rewards: Sequence[ArmReward]) -> None:
+        """Add observations (sklearn-style incremental fit; the state is the store's)."""
+        self.store.apply(self.updates_for(context, rewards))
+
+    def updates_for(self, context: SelectionContext,
+                    rewards: Sequence[ArmReward]) -> list[StatUpdate]:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class _Posterior:
+    mu: np.ndarray
+    cov: np.ndarray  # v^2 (lam I + A)^-1
+    n: float
+
+
+class LinearThompsonSelector(_ThompsonBase):
+    """Contextual Thompson sampling, Bayesian linear regression per arm with a pooled
+    action-feature prior (see the module docstring).
+
+    Parameters
+    ----------
+    store:
+        Sufficient statistics (``RedisBanditStore`` / ``InMemoryBanditStore``); its ``dim``
+        must equal the featurizer's ``hash_dim + 1``.
+    exploration:
+        ``v``: posterior scale (larger explores more).
+    ridge:
+        ``lam``: prior precision (pseudo-observations).
+    prior_mean:
+        Prior expected reward of the pooled models (bias coefficient), so unseen arms are
+        tried while ``prior_mean >= threshold``.
+    refresh_interval_s:
+        Posteriors are cached per process and reloaded when the store's version changed, at
+        most this often, in a background thread; ``0`` reloads synchronously on every select
+        (tests, exact multi-process consistency).
+    min_arms, max_arms, threshold, min_budget, budget_floor, n_resamples, random_state:
+        See :class:`_ThompsonBase` / the module docstring.
+
+    Attributes
+    ----------
+    posteriors_:
+        ``{component: _Posterior}`` currently cached.
+    state_version_:
+        Store version the cache reflects.
+    """
+
+    name = "linear_thompson"
+
+    def __init__(self, store: BanditStore, *, exploration: float = 0.5, ridge: float = 1.0,
+                 prior_mean: float = 0.5, refresh_interval_s: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(store, **kwargs)
+        self.exploration = exploration
+        self.ridge = ridge
+        self.prior_mean = prior_mean
+        self.refresh_interval_s = refresh_interval_s
+        self.posteriors_: dict[str, _Posterior] = {}
+        self.state_version_ = -1
+        self._loaded_at = 0.0
+        self._refreshing = False
+        self._stats_cache: dict[str, Any] = {}
+
+    def get_params(self) -> dict[str, Any]:
+        return {**super().get_params(), "exploration": self.exploration, "ridge": self.ridge,
+                "prior_mean": self.prior_mean, "refresh_interval_s": self.refresh_interval_s}
+
+    # -- posterior cache -------------------------------------------------------------------
+    def _components(self, arms: Sequence[ArmSpec]) -> list[str]:
+        comps: dict[str, None] = {}
+        for a in arms:
+            comps.update(dict.fromkeys(a.pooled_components))
+            comps[a.component] = None
+        return list(comps)
+
+    def _compute(self, stats: Mapping[str, Any], arms: Sequence[ArmSpec]) -> dict[str, _Posterior]:
+        d = self.store.dim
+        eye = np.eye(d)
+        out: dict[str, _Posterior] = {}
+        pooled_prior = np.zeros(d)
+        pooled_prior[0] = self.prior_mean
+        # Pooled (action-feature) components first: their means are the arms' priors.
+        for comp, st in stats.items():
+            if comp.startswith("af:"):
+                prec = self.ridge * eye + st.A
+                inv = np.linalg.inv(prec)
+                mu = inv @ (st.b + self.ridge * pooled_prior)
+                out[comp] = _Posterior(mu, self.exploration ** 2 * inv, st.n)
+        for a in arms:
+            st = stats[a.component]
+            pooled = [out[c].mu for c in a.pooled_components if c in out]
+            prior = np.mean(pooled, axis=0) if pooled else pooled_prior
+            prec = self.ridge * eye + st.A
+            inv = np.linalg.inv(prec)
+            mu = inv @ (st.b + self.ridge * prior)
+            out[a.component] = _Posterior(mu, self.exploration ** 2 * inv, st.n)
+        return out
+
+    def refresh(self, arms: Sequence[ArmSpec]) -> None:
+        """Reload statistics for ``arms`` from the store and recompute their posteriors."""
+        version = self.store.version()
+        comps = self._components(arms)
+        stats = self.store.load_linear(comps)
+        posts = self._compute(stats, arms)
+        self.posteriors_ = {**self.posteriors_, **posts}
+        self.state_version_ = version
+        self._loaded_at = time.monotonic()
+        self._arms_cached = list(arms)
+
+    def _background_refresh(self, arms: Sequence[ArmSpec]) -> None:
+        try:
+            if self.store.version() != self.state_version_:
+                self.refresh(arms)
+            else:
+                self._loaded_at = time.monotonic()
+        except Exception:  # a failed refresh keeps the old posteriors; the next one retries
+            logger.warning("bandit posterior refresh failed", exc_info=True)
+        finally:
+            self._refreshing = False
+
+    def _ensure(self, arms: Sequence[ArmSpec]) -> None:
+        missing = any(a.component not in self.posteriors_ for a in arms)
+        if missing or self.refresh_interval_s <= 0:
+            self.refresh(arms)
+            return
+        if time.monotonic() - self._loaded_at >= self.refresh_interval_s and not self._refreshing:
+            self._refreshing = True
+            threading.Thread(target=self._background_refresh, args=(list(arms),),
+                             daemon=True, name="bandit-refresh").start()
+
+    def _draws(self, context: SelectionContext, arms: Sequence[ArmSpec],
+               n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        self._ensure(arms)
+        idx = np.asarray(context.indices, dtype=np.intp)
+        x = np.asarray(context.values)
+        mean = np.empty(len(arms))
+        sd = np.empty(len(arms))
+        for k, a in enumerate(arms):
+            p = self.posteriors_[a.component]
+            mean[k] = p.mu[idx] @ x
+            sd[k] = math.sqrt(max(float(x @ p.cov[np.ix_(idx, idx)] @ x), 0.0))
+        draws = mean + self.rng_.standard_normal((n_rows, len(arms))) * sd
+        return mean, draws
+
+    def updates_for(self, context: SelectionContext,
+                    rewards: Sequence[ArmReward]) -> list[StatUpdate]:
+        out: list[StatUpdate] = []
+        for r in rewards:
+            spec = ArmSpec(r.arm, r.template_id, tuple(tuple(x) for x in r.action_features))  # type: ignore[misc]
+            for comp in (spec.component, *spec.pooled_components):
+                out.append(LinearUpdate(comp, context.indices, context.values, r.reward, r.weight))
+        return out
+
+    def summary(self, arms: Sequence[ArmSpec]) -> dict[str, dict[str, float]]:
+        """Per arm: observations and the posterior mean of the bias (overall reward level)."""
+        with self._lock:
+            self._ensure(arms)
+            return {a.template_id: {"observations": self.posteriors_[a.component].n,
+                                    "mean_reward": float(self.posteriors_[a.component].mu[0])}
+                    for a in arms}
+
+
+class BetaThompsonSelector(_ThompsonBase):
+    """Beta-Bernoulli Thompson sampling per (arm, context bucket), backing off to the arm's
+    global rate for sparse buckets (see the module docstring)."""
+
+    name = "beta_thompson"
+
+    def __init__(self, store: BanditStore, *, backoff: float = 2.0,
+                 refresh_interval_s: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(store, **kwargs)
+        self.backoff = backoff
+        self.refresh_interval_s = refresh_interval_s
+        self.stats_: dict[str, Any] = {}
+        self._loaded_at = 0.0
+
+    def _ensure(self, arms: Sequence[ArmSpec]) -> None:
+        stale = time.monotonic() - self._loaded_at >= self.refresh_interval_s
+        if stale or any(a.template_id not in self.stats_ for a in arms):
+            self.stats_ = {**self.stats_, **self.store.load_beta([a.template_id for a in arms])}
+            self._loaded_at = time.monotonic()
+
+    def _params(self, context: SelectionContext, arms: Sequence[ArmSpec]) -> tuple[np.ndarray, np.ndarray]:
+        self._ensure(arms)
+        alpha = np.empty(len(arms))
+        beta = np.empty(len(arms))
+        for k, a in enumerate(arms):
+            buckets = self.stats_[a.template_id].buckets
+            ga, gf, _ = buckets.get("*", (0.0, 0.0, 0.0))
+            p = (ga + 1.0) / (ga + gf + 2.0)
+            ba, bf, _ = buckets.get(context.bucket, (0.0, 0.0, 0.0))
+            alpha[k] = 1.0 + max(ba, 0.0) + self.backoff * p
+            beta[k] = 1.0 + max(bf, 0.0) + self.backoff * (1.0 - p)
+        return alpha, beta
+
+    def _draws(self, context: SelectionContext, arms: Sequence[ArmSpec],
+               n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        alpha, beta = self._params(context, arms)
+        draws = self.rng_.beta(alpha, beta, size=(n_rows, len(arms)))
+        return alpha / (alpha + beta), draws
+
+    def updates_for(self, context: SelectionContext,
+                    rewards: Sequence[ArmReward]) -> list[StatUpdate]:
+        out: list[StatUpdate] = []
+        for r in rewards:
+            rr = min(max(r.reward, 0.0), 1.0)
+            out.append(BetaUpdate(r.template_id, context.bucket, rr, r.weight))
+            out.append(BetaUpdate(r.template_id, "*", rr, r.weight))
+        return out
+
+
+class UniformRandomSelector:
+    """Baseline: a uniformly random subset size in ``[min_arms, max_arms]``, then a uniformly
+    random subset of that size, equal budgets. Propensities are exact: ``E[size] / K``."""
+
+    name = "uniform_random"
+
+    def __init__(self, *, min_arms: int = 1, max_arms: int = 3,
+                 random_state: int | np.random.Generator | None = None) -> None:
+        self.min_arms, self.max_arms, self.random_state = min_arms, max_arms, random_state
+        self.rng_ = (random_state if isinstance(random_state, np.random.Generator)
+                     else np.random.default_rng(random_state))
+        self._lock = threading.Lock()
+
+    def select(self, context: SelectionContext, arms: Sequence[ArmSpec], *,
+               total_budget: int) -> SelectionDecision:
+        k = len(arms)
+        if k == 0:
+            return SelectionDecision(self.name, (), total_budget)
+        lo, hi = min(self.min_arms, k), min(self.max_arms, k)
+        with self._lock:
+            size = int(self.rng_.integers(lo, hi + 1))
+            picked = sorted(self.rng_.choice(k, size=size, replace=False).tolist())
+        budgets = allocate_budgets([1.0] * size, total=total_budget, min_budget=0)
+        p = ((lo + hi) / 2.0) / k
+        return SelectionDecision(
+            self.name,
+            tuple(ArmChoice(arms[i].arm, arms[i].template_id, b, 1.0, p) for i, b in zip(picked, budgets)),
+            total_budget,
+            sampled={a.template_id: float(i in picked) for i, a in enumerate(arms)},
+            propensities={a.template_id: p for a in arms},
+        )
+
+    def updates_for(self, context: SelectionContext, rewards: Sequence[ArmReward]) -> list[StatUpdate]:
+        return []
+
+
+class FixedPlanSelector:
+    """Baseline: always the same arms with fixed budgets (``{arm or template id: budget}``);
+    arms of the plan that are not eligible for a query are dropped."""
+
+    name = "fixed_plan"
+
+    def __init__(self, plan: Mapping[str, int]) -> None:
+        self.plan = dict(plan)
+
+    def select(self, context: SelectionContext, arms: Sequence[ArmSpec], *,
+               total_budget: int) -> SelectionDecision:
+        choices = []
+        for a in arms:
+            b = self.plan.get(a.template_id, self.plan.get(a.arm))
+            if b:
+                choices.append(ArmChoice(a.arm, a.template_id, int(b), 1.0, 1.0))
+        return SelectionDecision(
+            self.name, tuple(choices), sum(c.budget for c in choices),
+            sampled={a.template_id: 1.0 for a in arms},
+            propensities={a.template_id: float(any(c.template_id == a.template_id for c in choices))
+                          for a in arms},
+        )
+
+    def updates_for(self, context: SelectionContext, rewards: Sequence[ArmReward]) -> list[StatUpdate]:
+        return []
+
+
+def make_selector(policy: str, store: BanditStore, **params: Any) -> ArmSelector:
+    """Build a selector by policy name: ``linear`` | ``simple`` (Beta) | ``uniform`` | ``fixed``
+    (``plan=`` required). Unknown parameters for the chosen policy raise."""
+    if policy == "linear":
+        return LinearThompsonSelector(store, **params)
+    if policy == "simple":
+        return BetaThompsonSelector(store, **params)
+    if policy == "uniform":
+        return UniformRandomSelector(**params)
+    if policy == "fixed":
+        return FixedPlanSelector(**params)
+    raise ConfigurationError(f"unknown selection policy {policy!r}; use one of "
+                             f"['linear', 'simple', 'uniform', 'fixed']")

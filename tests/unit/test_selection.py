@@ -1,0 +1,169 @@
+"""Selectors, context features, budgets, propensities and the in-memory state (no services)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from orchestrator.bandit_state import (
+    BetaUpdate,
+    InMemoryBanditStore,
+    LinearUpdate,
+    export_state,
+    import_state,
+)
+from orchestrator.domain import ParsedQuery, RequestContext, Slot
+from orchestrator.errors import ConfigurationError, StateVersionError
+from orchestrator.rewards import ArmReward
+from orchestrator.selection import (
+    ArmSpec,
+    BetaThompsonSelector,
+    ContextFeaturizer,
+    FixedPlanSelector,
+    LinearThompsonSelector,
+    UniformRandomSelector,
+    allocate_budgets,
+    inclusion_mask,
+    make_selector,
+)
+
+LEX = ArmSpec("lexical", "lexical.v1", (("fuzzy", "true"), ("source", "lexical")))
+GEN = ArmSpec("genre", "genre.v1", (("fuzzy", "false"), ("source", "genre")))
+SEM = ArmSpec("semantic", "semantic.v1", (("fuzzy", "false"), ("source", "semantic")))
+ARMS = [LEX, GEN, SEM]
+FEAT = ContextFeaturizer()
+KNOWN = FEAT.transform(ParsedQuery("t", "t", intent="known_item"), RequestContext(hour=9, weekday=1), "bohemian rhapsody")
+BROWSE = FEAT.transform(ParsedQuery("jazz", "jazz", (Slot("genre", "jazz", 1.0, 0, 4),), intent="browse"),
+                        RequestContext(hour=22, weekday=6, device="mobile"), "jazz")
+
+
+def rewards_for(decision, good: str) -> list[ArmReward]:
+    spec = {a.template_id: a for a in ARMS}
+    return [ArmReward(c.arm, c.template_id, 1.0 if c.template_id == good else 0.0, 1.0,
+                      spec[c.template_id].action_features) for c in decision.choices]
+
+
+def train(sel, rounds: int = 60) -> None:
+    for _ in range(rounds):
+        for ctx, good in ((KNOWN, "lexical.v1"), (BROWSE, "genre.v1")):
+            sel.partial_fit(ctx, rewards_for(sel.select(ctx, ARMS, total_budget=60), good))
+
+
+def test_featurizer_is_stable_and_normalised():
+    again = ContextFeaturizer().transform(ParsedQuery("t", "t", intent="known_item"),
+                                          RequestContext(hour=9, weekday=1), "bohemian rhapsody")
+    assert again == KNOWN  # CRC32, not the salted hash(): identical in every process
+    assert KNOWN.indices[0] == 0 and KNOWN.values[0] == 1.0
+    assert list(KNOWN.indices) == sorted(set(KNOWN.indices))
+    assert np.isclose(np.linalg.norm(KNOWN.values[1:]), 1.0)
+    assert "slot=genre" in BROWSE.features and "device=mobile" in BROWSE.features
+    assert BROWSE.bucket == "intent=browse|daypart=evening"
+    assert max(BROWSE.indices) < FEAT.dim
+    no_qu = FEAT.transform(None, None, "x")
+    assert "intent=unknown" in no_qu.features
+
+
+def test_featurizer_rejects_unknown_bucket_key():
+    with pytest.raises(ConfigurationError, match="unknown bucket key"):
+        ContextFeaturizer(bucket_keys=("colour",))
+
+
+def test_budgets_sum_to_total_and_respect_minimum():
+    b = allocate_budgets([0.9, 0.3, 0.01], total=60, min_budget=10)
+    assert sum(b) == 60 and min(b) >= 10 and b[0] > b[1] >= b[2]
+    assert allocate_budgets([], total=60, min_budget=10) == []
+    assert sum(allocate_budgets([1.0, 1.0, 1.0], total=7, min_budget=10)) == 7
+
+
+def test_inclusion_rule():
+    draws = np.array([[0.9, 0.5, 0.1], [0.1, 0.2, 0.25]])
+    m = inclusion_mask(draws, min_arms=1, max_arms=2, threshold=0.3)
+    assert m.tolist() == [[True, True, False], [False, False, True]]
+
+
+def test_selection_is_seeded_and_logs_propensities():
+    a = LinearThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=3, refresh_interval_s=0)
+    b = LinearThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=3, refresh_interval_s=0)
+    da, db = a.select(KNOWN, ARMS, total_budget=60), b.select(KNOWN, ARMS, total_budget=60)
+    assert da == db and da.sampled == db.sampled and da.propensities == db.propensities
+    assert set(da.propensities) == {a.template_id for a in ARMS}
+    assert all(0 < c.propensity <= 1 for c in da.choices)
+    assert sum(c.budget for c in da.choices) == 60
+    assert 1 <= len(da.choices) <= 3
+
+
+def test_linear_thompson_learns_context_dependent_arms():
+    sel = LinearThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=0, refresh_interval_s=0)
+    p0 = sel.select(KNOWN, ARMS, total_budget=60).propensities
+    train(sel)
+    pk = sel.select(KNOWN, ARMS, total_budget=60).propensities
+    pb = sel.select(BROWSE, ARMS, total_budget=60).propensities
+    assert pk["lexical.v1"] >= 0.95 and pk["genre.v1"] <= 0.2 < p0["genre.v1"]
+    assert pb["genre.v1"] >= 0.95 and pb["lexical.v1"] <= 0.2
+    mk = sel.expectations(KNOWN, ARMS)
+    assert mk["lexical.v1"] > 0.8 and mk["genre.v1"] < 0.2
+
+
+def test_action_features_transfer_to_a_new_arm():
+    """A new arm sharing ``source=lexical`` starts from what lexical learned."""
+    store = InMemoryBanditStore(dim=FEAT.dim)
+    sel = LinearThompsonSelector(store, random_state=0, refresh_interval_s=0)
+    train(sel)
+    twin = ArmSpec("lexical_popular", "lexical_popular.v1", LEX.action_features)
+    stranger = ArmSpec("other", "other.v1", (("source", "other"),))
+    m = sel.expectations(KNOWN, [twin, stranger])
+    assert m["lexical_popular.v1"] > m["other.v1"] + 0.2
+
+
+def test_beta_simple_mode_learns_per_bucket():
+    sel = BetaThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=0, refresh_interval_s=0)
+    train(sel, rounds=40)
+    pk = sel.select(KNOWN, ARMS, total_budget=60).propensities
+    pb = sel.select(BROWSE, ARMS, total_budget=60).propensities
+    assert pk["lexical.v1"] > 0.9 and pk["genre.v1"] < 0.3
+    assert pb["genre.v1"] > 0.9 and pb["lexical.v1"] < 0.3
+
+
+def test_baselines():
+    u = UniformRandomSelector(min_arms=1, max_arms=3, random_state=0)
+    d = u.select(KNOWN, ARMS, total_budget=60)
+    assert d.propensities == {a.template_id: pytest.approx(2 / 3) for a in ARMS}
+    assert sum(c.budget for c in d.choices) == 60
+    sizes = [len(u.select(KNOWN, ARMS, total_budget=60).choices) for _ in range(600)]
+    assert abs(np.mean(sizes) / 3 - 2 / 3) < 0.05  # empirical inclusion rate == logged propensity
+    f = FixedPlanSelector({"lexical": 40, "semantic.v1": 20})
+    d = f.select(KNOWN, ARMS, total_budget=60)
+    assert d.budgets == {"lexical": 40, "semantic": 20}
+    assert d.propensities == {"lexical.v1": 1.0, "genre.v1": 0.0, "semantic.v1": 1.0}
+    assert u.updates_for(KNOWN, []) == [] and f.updates_for(KNOWN, []) == []
+    with pytest.raises(ConfigurationError, match="unknown selection policy"):
+        make_selector("greedy", InMemoryBanditStore(dim=4))
+
+
+def test_store_dedupe_and_snapshot_roundtrip():
+    store = InMemoryBanditStore(dim=FEAT.dim)
+    sel = LinearThompsonSelector(store, random_state=0, refresh_interval_s=0)
+    ups = sel.updates_for(KNOWN, [ArmReward("lexical", "lexical.v1", 1.0, 2.0, LEX.action_features)])
+    assert {u.component for u in ups} == {"arm:lexical.v1", "af:fuzzy=true", "af:source=lexical"}
+    assert store.apply(ups, dedupe=("k", "m", 10))
+    assert not store.apply(ups, dedupe=("k", "m", 10))  # counted once
+    store.apply([BetaUpdate("lexical.v1", "b", 0.5, 2.0)])
+    snap = json.loads(json.dumps(export_state(store, components=["arm:lexical.v1"], template_ids=["lexical.v1"])))
+    other = InMemoryBanditStore(dim=FEAT.dim)
+    import_state(other, snap)
+    a, b = store.load_linear(["arm:lexical.v1"])["arm:lexical.v1"], other.load_linear(["arm:lexical.v1"])["arm:lexical.v1"]
+    assert np.allclose(a.A, b.A) and np.allclose(a.b, b.b)
+    assert other.load_beta(["lexical.v1"])["lexical.v1"].buckets["b"][:2] == pytest.approx([1.0, 1.0])
+    with pytest.raises(StateVersionError):
+        import_state(other, {**snap, "schema_version": 99})
+
+
+def test_linear_update_matches_closed_form():
+    store = InMemoryBanditStore(dim=FEAT.dim)
+    store.apply([LinearUpdate("arm:x", KNOWN.indices, KNOWN.values, 1.0, 1.5)])
+    st = store.load_linear(["arm:x"])["arm:x"]
+    x = np.zeros(FEAT.dim)
+    x[list(KNOWN.indices)] = KNOWN.values
+    assert np.allclose(st.A, 1.5 * np.outer(x, x)) and np.allclose(st.b, 1.5 * x)
