@@ -166,20 +166,81 @@ def templates_render(
     typer.echo(json.dumps(t.render(req.params, max_bytes=s.limits.max_param_bytes), indent=2))
 
 
+def _orchestrator(s: OrchestratorSettings):  # type: ignore[no-untyped-def]
+    from .pipeline import Orchestrator
+
+    return Orchestrator.from_settings(s)
+
+
 @app.command()
 def search(
     query: str,
-    arm: Annotated[Optional[list[str]], typer.Option(help="Arm(s) to run (default: all).")] = None,
-    size: Annotated[int, typer.Option(help="Hits per arm.")] = 10,
+    size: Annotated[int, typer.Option(help="Results to return.")] = 10,
+    per_arm: Annotated[bool, typer.Option("--per-arm", help="Run arms directly, a table each.")] = False,
+    arm: Annotated[Optional[list[str]], typer.Option(help="With --per-arm: arm(s) to run (default: all).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Request context: device.")] = None,
+    locale: Annotated[Optional[str], typer.Option(help="Request context: locale.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Run arms for QUERY in one _msearch and print a table per arm."""
+    """Search QUERY: the bandit's plan (arms, budgets, propensities) and the merged, rescored
+    list with each result's provenance. --per-arm shows each arm's raw hits instead."""
+    s = _settings()
+    if per_arm:
+        _search_per_arm(s, query, size=size, arm=arm, as_json=as_json)
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .pipeline import response_to_dict
+
+    orch = _orchestrator(s)
+    context = {k: v for k, v in {"device": device, "locale": locale}.items() if v}
+    resp = orch.search(query, context=context or None, size=size)
+    if as_json:
+        typer.echo(json.dumps(response_to_dict(resp), indent=2, ensure_ascii=False))
+        return
+    console = Console()
+    pq = resp.parsed
+    if pq:
+        slots = ", ".join(f"{x['category']}={x['value']} ({x['confidence']:.2f})"
+                          for x in pq.get("slots", [])) or "none"
+        console.print(f"[bold]query[/bold] {escape(query)}  intent={pq.get('intent')}  "
+                      f"slots: {escape(slots)}")
+    plan = Table(title=f"plan (request {resp.request_id})")
+    for col in ("arm", "budget", "sampled value", "propensity", "hits", "status"):
+        plan.add_column(col)
+    failed = {f.arm: f for f in resp.failures}
+    hits_per_arm: dict[str, int] = {}
+    for item in resp.results:
+        for p in item.provenance:
+            hits_per_arm[p.arm] = hits_per_arm.get(p.arm, 0) + 1
+    for c in resp.decision.choices:
+        status = f"[red]failed: {escape(failed[c.arm].reason)[:60]}[/red]" if c.arm in failed else "ok"
+        plan.add_row(c.arm, str(c.budget), f"{c.sampled:.3f}", f"{c.propensity:.2f}",
+                     str(hits_per_arm.get(c.arm, 0)), status)
+    console.print(plan)
+    table = Table(title="results (merged, rescored)")
+    for col in ("#", "score", "type", "title", "artist", "from arms (rank)"):
+        table.add_column(col)
+    for item in resp.results:
+        src = item.source or {}
+        prov = ", ".join(f"{p.arm}({p.rank})" for p in item.provenance)
+        table.add_row(str(item.rank), f"{item.score:.3f}", src.get("entity_type", ""),
+                      escape(str(src.get("title", ""))), escape(", ".join(src.get("artist", []))),
+                      prov)
+    console.print(table)
+    timings = ", ".join(f"{k}={v:.1f}" for k, v in resp.timings_ms.items())
+    console.print(f"timings (ms): {timings}")
+
+
+def _search_per_arm(s: OrchestratorSettings, query: str, *, size: int,
+                    arm: list[str] | None, as_json: bool) -> None:
     from .arms import build_requests, validate_query
     from .embeddings import get_encoder
     from .execution import MultiSearch
     from .templates import TemplateRegistry
 
-    s = _settings()
     client = _es(s)
     reg = TemplateRegistry.from_dir(s.templates.dir)
     q = validate_query(query, max_chars=s.limits.max_query_chars)
@@ -214,9 +275,34 @@ def search(
         for h in r.hits:
             src = h.source
             table.add_row(str(h.rank), f"{h.score:.2f}", src.get("entity_type", ""),
-                          str(src.get("title", "")), ", ".join(src.get("artist", [])),
+                          escape(str(src.get("title", ""))), escape(", ".join(src.get("artist", []))),
                           str(src.get("popularity", "")))
         console.print(table)
+
+
+@app.command()
+def feedback(request_id: str, item_id: str,
+             action: Annotated[str, typer.Argument(help="click | play | like | favorite | skip")] = "click") -> None:
+    """Record a user action on a result of an earlier search."""
+    res = _orchestrator(_settings()).feedback(request_id, item_id, action)
+    typer.echo(json.dumps({k: getattr(res, k) for k in res.__dataclass_fields__}, default=str))
+
+
+@app.command()
+def explain(request_id: str) -> None:
+    """Show the stored plan and results of an earlier search."""
+    typer.echo(json.dumps(_orchestrator(_settings()).explain(request_id), indent=2, ensure_ascii=False))
+
+
+@app.command()
+def serve(host: Annotated[str, typer.Option()] = "127.0.0.1",
+          port: Annotated[int, typer.Option()] = 8000,
+          workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1) -> None:
+    """Serve the HTTP API (FastAPI: /search, /feedback, /arms, /explain, /healthz, /metrics)."""
+    import uvicorn
+
+    uvicorn.run("orchestrator.api:create_app", factory=True, host=host, port=port,
+                workers=workers, log_level="info")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -72,6 +72,39 @@ class LimitsSettings(BaseModel):
     max_param_bytes: int = Field(16_384, ge=256)
 
 
+class BanditSettings(BaseModel):
+    """The arm selector (see :mod:`orchestrator.selection`)."""
+
+    #: linear: Bayesian linear Thompson sampling over context features (default);
+    #: simple: Beta-Bernoulli per arm and context bucket; uniform / fixed: baselines.
+    policy: Literal["linear", "simple", "uniform", "fixed"] = "linear"
+    total_budget: int = Field(60, ge=1, le=1000)
+    min_arms: int = Field(1, ge=1)
+    max_arms: int = Field(3, ge=1)
+    threshold: float = 0.3
+    min_budget: int = Field(10, ge=1)
+    n_resamples: int = Field(200, ge=1)
+    hash_dim: int = Field(16, ge=1)
+    exploration: float = Field(0.5, gt=0)
+    ridge: float = Field(1.0, gt=0)
+    prior_mean: float = 0.5
+    refresh_interval_s: float = Field(1.0, ge=0)
+    seed: int | None = None
+    bucket_keys: tuple[str, ...] = ("intent", "daypart")
+
+
+class FeedbackSettings(BaseModel):
+    impression_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    stream_maxlen: int = Field(200_000, ge=1000)
+    position_bias: Literal["log2", "none"] = "log2"
+    max_weight: float = Field(3.0, ge=1.0)
+
+
+class RescorerSettings(BaseModel):
+    #: Folder of versioned ``rescorer.v<N>.json`` models (shared by API and workers).
+    model_dir: Path | None = PROJECT_ROOT / "models" / "rescorer"
+
+
 class CelerySettings(BaseModel):
     #: Broker and result backend; default to the Redis of ``redis.url`` (db 1 and 2).
     broker_url: str | None = None
@@ -98,6 +131,9 @@ class OrchestratorSettings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     limits: LimitsSettings = LimitsSettings()
     celery: CelerySettings = CelerySettings()
+    bandit: BanditSettings = BanditSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
+    rescorer: RescorerSettings = RescorerSettings()
 
     def celery_urls(self) -> tuple[str, str]:
         """Broker and result-backend URLs (Redis db 1 and 2 of ``redis.url`` by default)."""
