@@ -15,6 +15,7 @@ duplicated. Acknowledged entries older than every pending one are trimmed from t
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import logging
 import os
@@ -42,8 +43,10 @@ def event_document(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
         data = {"value": data}
     doc: dict[str, Any] = {"event_id": entry_id, "type": fields.get("type", "unknown"),
                            "payload": data}
-    # Stream ids start with the Redis server's millisecond clock.
-    doc["ts"] = data.get("ts") or int(entry_id.split("-")[0])
+    # Stream ids start with the Redis server's millisecond clock; store ISO so the date
+    # field never has to guess seconds from milliseconds.
+    doc["ts"] = data.get("ts") or _dt.datetime.fromtimestamp(
+        int(entry_id.split("-")[0]) / 1000.0, tz=_dt.timezone.utc).isoformat()
     for key in _LIFTED:
         if data.get(key) is not None:
             doc[key] = data[key]

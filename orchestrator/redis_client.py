@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from .errors import ServiceUnavailableError
 from .settings import RedisSettings
 
 
 def build_redis(settings: RedisSettings) -> redis.Redis:
+    # Two quick retries ride out a dropped connection (e.g. a Redis restart already over);
+    # anything longer should fail fast as a 503 rather than hold the request for seconds.
     return redis.Redis.from_url(
         settings.url,
         socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=min(1.0, settings.socket_timeout_s),
         health_check_interval=30,
-        retry_on_timeout=True,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 
 
