@@ -16,10 +16,22 @@ from .settings import OrchestratorSettings
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    # The pipeline pulls in numpy, the Elasticsearch and Redis clients: import it on first use
+    # so `import orchestrator` stays cheap for the CLI and Celery.
+    if name in ("Orchestrator", "create_app"):
+        from . import api, pipeline
+
+        return pipeline.Orchestrator if name == "Orchestrator" else api.create_app
+    raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+
+
 __all__ = [
     "ArmExecutionError",
     "ConfigurationError",
     "IngestError",
+    "Orchestrator",
     "OrchestratorError",
     "OrchestratorSettings",
     "QueryValidationError",
@@ -29,4 +41,5 @@ __all__ = [
     "TemplateParamsError",
     "TemplateSyntaxError",
     "__version__",
+    "create_app",
 ]
