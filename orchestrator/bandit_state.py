@@ -14,7 +14,9 @@ loses nothing.
 
 Redis key layout (``P`` is ``settings.redis.key_prefix``, e.g. ``ltrr:``)::
 
-    P bandit:meta                 hash  schema_version, dim, version (bumped per update)
+    P bandit:meta                 hash  schema_version, dim, version (bumped per update),
+                                        gen, rebuilt_upto, rebuild (last log rebuild swapped
+                                        in, see :mod:`orchestrator.training`)
     P bandit:lin:<component>      hash  n, w, b:<i>, A:<i>:<j> (i <= j; upper triangle)
     P bandit:beta:<template_id>   hash  <bucket>:a, <bucket>:b, <bucket>:n
     P arms:impressions            hash  <template_id> -> times chosen and executed

@@ -49,7 +49,14 @@ from .errors import (
 from .execution import MultiSearch
 from .feedback import FeedbackLog
 from .merging import Merger, UnionMerger
-from .rescoring import FeatureExtractor, LinearRescorer, Rescorer, load_latest
+from .rescoring import (
+    FeatureExtractor,
+    LinearRescorer,
+    Rescorer,
+    current_version,
+    load_latest,
+    load_version,
+)
 from .rewards import ArmReward, RewardModel
 from .selection import (
     ArmSelector,
@@ -76,7 +83,11 @@ FEEDBACK_DEFAULTS: dict[str, Any] = {
     "impression_ttl_s": 7 * 24 * 3600, "stream_maxlen": 200_000, "position_bias": "log2",
     "max_weight": 3.0,
 }
-RESCORER_DEFAULTS: dict[str, Any] = {"model_dir": None}
+#: ``reload_interval_s``: how often (at most) a running orchestrator checks ``model_dir`` for a
+#: newly promoted model (one small file read; see :func:`orchestrator.rescoring.current_version`).
+RESCORER_DEFAULTS: dict[str, Any] = {"model_dir": None, "reload_interval_s": 30.0}
+#: Pseudo-action of the event logged when a response had no results (see ``rewards``).
+EMPTY_ACTION = "empty"
 
 
 class Understander(Protocol):
@@ -106,6 +117,57 @@ def _default_understander() -> Understander | None:
     except (ImportError, OrchestratorError, OSError) as exc:
         logger.warning("query understanding unavailable (%s); searching without QU", exc)
         return None
+
+
+def executed_arms(imp: Mapping[str, Any]) -> list[tuple[str, str, tuple[tuple[str, str], ...]]]:
+    """``(arm, template_id, action_features)`` of the chosen arms that ran, from a stored
+    impression (its ``decision.chosen`` and ``executed``)."""
+    ran = set(imp.get("executed") or ())
+    return [(c["arm"], c["template_id"], tuple(tuple(x) for x in c.get("action_features", [])))  # type: ignore[misc]
+            for c in imp["decision"]["chosen"] if c["template_id"] in ran]
+
+
+def impression_rewards(imp: Mapping[str, Any], *, item_id: str | None, action: str,
+                       reward_model: RewardModel) -> tuple[Mapping[str, Any] | None, list[ArmReward]]:
+    """Per-arm rewards of one interaction with a stored impression: the single rule shared by
+    live feedback (:meth:`Orchestrator.feedback`) and offline replay
+    (:func:`orchestrator.training.rebuild_posteriors`).
+
+    ``action == EMPTY_ACTION`` (a response without results): every arm that ran gets reward 0
+    with weight 1. Otherwise the shown item and the :class:`RewardModel` rules apply.
+
+    Returns
+    -------
+    (item, rewards)
+        The shown item (``None`` for ``empty``) and the observations.
+
+    Raises
+    ------
+    InvalidFeedbackError
+        Unknown action, or an item the impression did not show.
+    """
+    executed = executed_arms(imp)
+    if action == EMPTY_ACTION:
+        return None, [ArmReward(arm, tid, 0.0, 1.0, af) for arm, tid, af in executed]
+    reward_model.check_action(action)
+    item = next((s for s in imp["shown"] if s["id"] == item_id), None)
+    if item is None:
+        shown = [s["id"] for s in imp["shown"]]
+        raise InvalidFeedbackError(
+            f"item {item_id!r} was not shown for request {imp.get('request_id')!r}; "
+            f"shown: {shown[:10]}" + (" ..." if len(shown) > 10 else "")
+        )
+    rewards = reward_model.arm_rewards(action=action, position=int(item["rank"]),
+                                       item_arms=item["arms"], executed=executed)
+    return item, rewards
+
+
+def _rescorer_label(rescorer: Any) -> str:
+    """Name (plus ``.v<N>`` for a promoted model) logged with every response, so an impression
+    records exactly which model ranked it."""
+    name = getattr(rescorer, "name", type(rescorer).__name__)
+    version = getattr(rescorer, "metadata", {}).get("version")
+    return f"{name}.v{version}" if version else name
 
 
 def _fallback_applicable(template: SearchTemplate, parsed: ParsedQuery | None) -> bool:
@@ -231,6 +293,11 @@ class Orchestrator:
         needs ``query_vector``.
     total_budget, max_results, max_query_chars:
         Candidate budget over all arms; limits.
+    rescorer_dir, rescorer_reload_s:
+        When set, the folder of promoted rescorer models: at most every ``rescorer_reload_s``
+        seconds a search checks its ``current`` pointer and switches to a newly promoted
+        version (no restart). ``from_settings`` sets it when the rescorer came from
+        ``rescorer.model_dir``; an injected rescorer is never replaced.
     """
 
     def __init__(self, *, es: Elasticsearch, redis: redis_lib.Redis, registry: TemplateRegistry,
@@ -240,7 +307,8 @@ class Orchestrator:
                  learner: ArmSelector | None = None, reward_model: RewardModel | None = None,
                  encoder_factory: Callable[[], Any] | None = None, total_budget: int = 60,
                  max_results: int = 200, max_query_chars: int = 256, es_url: str = "",
-                 redis_url: str = "") -> None:
+                 redis_url: str = "", rescorer_dir: Path | None = None,
+                 rescorer_reload_s: float = 30.0) -> None:
         self.es = es
         self.redis = redis
         self.registry = registry
@@ -251,6 +319,9 @@ class Orchestrator:
         self.store = store
         self.log = log
         self.rescorer = rescorer or LinearRescorer.default()
+        self.rescorer_dir = Path(rescorer_dir) if rescorer_dir is not None else None
+        self.rescorer_reload_s = rescorer_reload_s
+        self._rescorer_checked = time.monotonic()
         self.merger = merger or UnionMerger()
         self.understander = understander
         self.reward_model = reward_model or RewardModel()
@@ -326,9 +397,11 @@ class Orchestrator:
             learner = LinearThompsonSelector(store, exploration=b["exploration"], ridge=b["ridge"],
                                              prior_mean=b["prior_mean"],
                                              refresh_interval_s=b["refresh_interval_s"])
+        rescorer_dir = None
         if rescorer is None:
             model_dir = r["model_dir"]
-            rescorer = load_latest(Path(model_dir) if model_dir else None)
+            rescorer_dir = Path(model_dir) if model_dir else None
+            rescorer = load_latest(rescorer_dir)
         if understander == "auto":
             understander = _default_understander()
         if encoder_factory is None:
@@ -347,7 +420,37 @@ class Orchestrator:
             encoder_factory=encoder_factory, total_budget=b["total_budget"],
             max_results=settings.limits.max_results, max_query_chars=settings.limits.max_query_chars,
             es_url=settings.es.url, redis_url=settings.redis.url,
+            rescorer_dir=rescorer_dir, rescorer_reload_s=r["reload_interval_s"],
         )
+
+    # -- rescorer hot reload -----------------------------------------------------------------
+    @property
+    def rescorer_version(self) -> int:
+        """Version of the rescorer in use (0: the default model)."""
+        return int(getattr(self.rescorer, "metadata", {}).get("version", 0) or 0)
+
+    def reload_rescorer(self, *, force: bool = False) -> bool:
+        """Switch to the promoted model of ``rescorer_dir`` if it changed; checked at most every
+        ``rescorer_reload_s`` seconds unless ``force``. A model that fails to load is logged
+        and the current one kept. Returns True when the model was replaced."""
+        if self.rescorer_dir is None:
+            return False
+        now = time.monotonic()
+        if not force and now - self._rescorer_checked < self.rescorer_reload_s:
+            return False
+        self._rescorer_checked = now
+        try:
+            version = current_version(self.rescorer_dir)
+            if version == self.rescorer_version:
+                return False
+            model = load_version(self.rescorer_dir, version)
+        except (OSError, ValueError, KeyError, OrchestratorError) as exc:
+            logger.warning("rescorer reload from %s failed, keeping v%s: %s", self.rescorer_dir,
+                           self.rescorer_version, exc)
+            return False
+        logger.info("rescorer v%s -> v%s (%s)", self.rescorer_version, version, model.name)
+        self.rescorer = model
+        return True
 
     # -- search --------------------------------------------------------------------------------
     def eligible_arms(self, parsed: ParsedQuery | None) -> list[ArmSpec]:
@@ -420,7 +523,9 @@ class Orchestrator:
         timings["merge"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        ranked = self.rescorer.rank(candidates, query=q, parsed=parsed, extractor=self.extractor)[:size]  # type: ignore[call-arg]
+        self.reload_rescorer()
+        rescorer = self.rescorer
+        ranked = rescorer.rank(candidates, query=q, parsed=parsed, extractor=self.extractor)[:size]  # type: ignore[call-arg]
         items = tuple(RankedItem(c.id, pos, s, c.source, c.provenance,
                                  dict(zip(self.extractor.names, x.tolist())))
                       for pos, (c, s, x) in enumerate(ranked, start=1))
@@ -431,12 +536,12 @@ class Orchestrator:
         timings_ms = {k: round(v * 1000, 3) for k, v in timings.items()}
         timings_ms["es_took_max"] = float(max((r.took_ms for r in results if isinstance(r, ArmResult)), default=0))
         resp = SearchResponse(rid, q, items, decision, failures, parsed_summary(parsed), ctx,
-                              getattr(self.rescorer, "name", type(self.rescorer).__name__), timings_ms)
+                              _rescorer_label(rescorer), timings_ms)
 
         t = time.perf_counter()
-        self._record(resp, sel_ctx, executed)
+        impression = self._record(resp, sel_ctx, executed)
         if not items and executed:
-            self._reward_empty(resp, sel_ctx, executed)
+            self._reward_empty(resp, sel_ctx, impression)
         timings_ms["log"] = round((time.perf_counter() - t) * 1000, 3)
         timings_ms["overhead"] = round(sum(timings_ms[k] for k in ("qu", "select", "build", "merge", "rescore")), 3)
         timings_ms["total"] = round((time.perf_counter() - t0) * 1000, 3)
@@ -445,7 +550,8 @@ class Orchestrator:
                     timings_ms["total"], timings_ms["es"])
         return resp
 
-    def _record(self, resp: SearchResponse, sel_ctx: SelectionContext, executed: list[str]) -> None:
+    def _record(self, resp: SearchResponse, sel_ctx: SelectionContext,
+                executed: list[str]) -> dict[str, Any]:
         decision = decision_to_dict(resp.decision)
         for c in decision["chosen"]:
             c["action_features"] = [list(x) for x in self._specs[c["template_id"]].action_features] \
@@ -468,15 +574,15 @@ class Orchestrator:
                  "shown": [{**s, "features": [round(v, 6) for v in it.features.values()]}
                            for s, it in zip(shown, resp.results)]}
         self.log.record_impression(impression, event=event, executed=executed)
+        return impression
 
     def _reward_empty(self, resp: SearchResponse, sel_ctx: SelectionContext,
-                      executed: list[str]) -> None:
+                      impression: Mapping[str, Any]) -> None:
         """Nothing to show: no interaction can ever reward or blame the arms that ran, so they
         get their (zero) observation now (see :mod:`orchestrator.rewards`)."""
-        by_tid = {c.template_id: c for c in resp.decision.choices}
-        rewards = [ArmReward(by_tid[t].arm, t, 0.0, 1.0, self._specs[t].action_features)
-                   for t in executed if t in by_tid and t in self._specs]
-        event = {"request_id": resp.request_id, "item_id": None, "action": "empty",
+        _, rewards = impression_rewards(impression, item_id=None, action=EMPTY_ACTION,
+                                        reward_model=self.reward_model)
+        event = {"request_id": resp.request_id, "item_id": None, "action": EMPTY_ACTION,
                  "rewards": {r.template_id: 0.0 for r in rewards}, "rewarded_arms": [],
                  "query": resp.query, "ts": _now_iso()}
         self.store.apply(self.learner.updates_for(sel_ctx, rewards),
@@ -498,24 +604,15 @@ class Orchestrator:
         """
         self.reward_model.check_action(action)
         imp = self.log.get_impression(request_id)
-        item = next((s for s in imp["shown"] if s["id"] == item_id), None)
-        if item is None:
-            shown = [s["id"] for s in imp["shown"]]
-            raise InvalidFeedbackError(
-                f"item {item_id!r} was not shown for request {request_id!r}; shown: {shown[:10]}"
-                + (" ..." if len(shown) > 10 else "")
-            )
-        executed_ids = set(imp["executed"])
-        executed = [(c["arm"], c["template_id"], tuple(tuple(x) for x in c.get("action_features", [])))
-                    for c in imp["decision"]["chosen"] if c["template_id"] in executed_ids]
-        rewards = self.reward_model.arm_rewards(action=action, position=int(item["rank"]),
-                                                item_arms=item["arms"], executed=executed)
+        item, rewards = impression_rewards(imp, item_id=item_id, action=action,
+                                           reward_model=self.reward_model)
+        rank = int(item["rank"]) if item is not None else 0  # None only for EMPTY_ACTION
         sel_ctx = SelectionContext.from_dict(imp["selection"])
         updates = self.learner.updates_for(sel_ctx, rewards)
-        weight = self.reward_model.weight(int(item["rank"]), action)
+        weight = self.reward_model.weight(rank, action)
         reward_map = {r.template_id: r.reward for r in rewards}
         event = {"request_id": request_id, "item_id": item_id, "action": action,
-                 "position": int(item["rank"]), "rank": int(item["rank"]), "weight": weight,
+                 "position": rank, "rank": rank, "weight": weight,
                  "rewards": reward_map,
                  "rewarded_arms": [t for t, v in reward_map.items() if v > 0],
                  "query": imp.get("query"), "intent": imp.get("intent"), "ts": _now_iso()}
@@ -525,7 +622,7 @@ class Orchestrator:
                     self.log.impression_ttl_s),
             event=event,
         )
-        return FeedbackResult(request_id, item_id, action, not applied, int(item["rank"]),
+        return FeedbackResult(request_id, item_id, action, not applied, rank,
                               weight, reward_map)
 
     # -- introspection -------------------------------------------------------------------------
@@ -574,4 +671,5 @@ class Orchestrator:
         return out
 
 
-__all__ = ["Orchestrator", "decision_to_dict", "parsed_summary", "response_to_dict"]
+__all__ = ["EMPTY_ACTION", "Orchestrator", "decision_to_dict", "executed_arms",
+           "impression_rewards", "parsed_summary", "response_to_dict"]

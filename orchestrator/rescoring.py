@@ -17,15 +17,20 @@ The default model, before any training, is reciprocal-rank fusion plus small pri
 (:data:`DEFAULT_WEIGHTS`: a top-ranked RRF contribution is 1/61 = 0.016; popularity adds at
 most 0.002, exact title 0.006, slot matches 0.002-0.004: tie-breakers, not overrides).
 Trained models are scikit-learn logistic regressions on standardised features, stored as
-versioned JSON (coefficients + metadata), never pickle.
+versioned JSON (coefficients + metadata), never pickle: ``rescorer.v<N>.json`` files in a
+model folder whose ``current`` pointer (JSON ``{"version": N, ...}``, replaced atomically)
+names the promoted one (:func:`orchestrator.training.retrain_ranker` writes both; running
+orchestrators poll the pointer and switch without a restart).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -243,15 +248,26 @@ class LinearRescorer:
                    metadata=d.get("metadata"))
 
     def save(self, folder: Path) -> Path:
-        """Write ``rescorer.v<N>.json`` (N = next free version) and return its path."""
+        """Write ``rescorer.v<N>.json`` (N = next free version, recorded in ``metadata``) and
+        return its path. Safe against concurrent writers: the file is written under a unique
+        temporary name and published with a hard link, which fails instead of overwriting
+        when another process took version N first (then N + 1 is tried)."""
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         version = 1 + max((_version_of(p) for p in folder.glob("rescorer.v*.json")), default=0)
-        self.metadata.setdefault("version", version)
-        path = folder / f"rescorer.v{version}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        tmp = folder / f".rescorer.{uuid.uuid4().hex}.tmp"
+        try:
+            while True:
+                self.metadata["version"] = version
+                tmp.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+                path = folder / f"rescorer.v{version}.json"
+                try:
+                    os.link(tmp, path)
+                    return path
+                except FileExistsError:
+                    version += 1
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path) -> LinearRescorer:
@@ -263,12 +279,61 @@ def _version_of(path: Path) -> int:
     return int(m.group(1)) if m else 0
 
 
-def load_latest(folder: Path | None) -> LinearRescorer:
-    """The newest ``rescorer.v<N>.json`` in ``folder``, or the default model."""
+#: Pointer file of a model folder: ``{"version": N, ...}``, the promoted model. Replaced
+#: atomically (``os.replace``), so readers see the old or the new pointer, never half of one.
+CURRENT_POINTER = "current"
+
+
+def read_pointer(folder: Path | None) -> dict[str, Any] | None:
+    """The ``current`` pointer of ``folder`` (None when there is none)."""
+    if folder is None:
+        return None
+    try:
+        data = json.loads((Path(folder) / CURRENT_POINTER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("version"), int):
+        raise StateVersionError(f"malformed rescorer pointer {Path(folder) / CURRENT_POINTER}: {data!r}")
+    return data
+
+
+def write_pointer(folder: Path, version: int, **info: Any) -> Path:
+    """Atomically point ``folder``'s ``current`` at ``rescorer.v<version>.json`` (which must
+    exist); ``info`` (JSON-able) is stored alongside."""
+    folder = Path(folder)
+    if version and not (folder / f"rescorer.v{version}.json").is_file():
+        raise FileNotFoundError(folder / f"rescorer.v{version}.json")
+    path = folder / CURRENT_POINTER
+    tmp = folder / f".{CURRENT_POINTER}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps({"version": int(version), **info}, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def current_version(folder: Path | None) -> int:
+    """The version in use for ``folder``: its ``current`` pointer, else (folders written
+    before pointers existed) the newest ``rescorer.v<N>.json``, else 0 (the default model).
+    Cheap (one small file read), so running orchestrators poll it."""
     if folder is None or not Path(folder).is_dir():
+        return 0
+    pointer = read_pointer(folder)
+    if pointer is not None:
+        return int(pointer["version"])
+    return max((_version_of(p) for p in Path(folder).glob("rescorer.v*.json")), default=0)
+
+
+def load_version(folder: Path | None, version: int) -> LinearRescorer:
+    """``rescorer.v<version>.json`` of ``folder``; version 0 is the default model."""
+    if version == 0 or folder is None:
         return LinearRescorer.default()
-    paths = sorted(Path(folder).glob("rescorer.v*.json"), key=_version_of)
-    return LinearRescorer.load(paths[-1]) if paths else LinearRescorer.default()
+    model = LinearRescorer.load(Path(folder) / f"rescorer.v{version}.json")
+    model.metadata["version"] = version
+    return model
+
+
+def load_latest(folder: Path | None) -> LinearRescorer:
+    """The promoted model of ``folder`` (see :func:`current_version`), or the default model."""
+    return load_version(folder, current_version(folder))
 
 
 def train_rescorer(X: np.ndarray, y: np.ndarray, *, feature_names: Sequence[str],
