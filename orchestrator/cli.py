@@ -305,6 +305,48 @@ def serve(host: Annotated[str, typer.Option()] = "127.0.0.1",
                 workers=workers, log_level="info")
 
 
+@app.command()
+def retrain(
+    now: Annotated[bool, typer.Option("--now", help="Run the whole chain once, now.")] = False,
+    via_celery: Annotated[bool, typer.Option("--via-celery", help="Run it on the Celery workers and wait.")] = False,
+    step: Annotated[Optional[list[str]], typer.Option(help="Only these steps (repeatable).")] = None,
+    timeout: Annotated[float, typer.Option(help="With --via-celery: seconds to wait per step.")] = 1800,
+) -> None:
+    """Retrain from the click log: move events, Q2E memory, bandit posteriors, ranker, QU.
+    Prints what each step changed (counts, metrics before and after)."""
+    from .tasks import CHAIN
+
+    if not now:
+        typer.echo("nothing to do: pass --now to run the chain (beat runs it on a schedule)")
+        raise typer.Exit(2)
+    known = [name for name, _ in CHAIN]
+    unknown = sorted(set(step or []) - set(known))
+    if unknown:
+        raise typer.BadParameter(f"unknown step(s) {unknown}; steps: {known}")
+    steps = [(n, fn) for n, fn in CHAIN if not step or n in step]
+    s = _settings()
+    client = _es(s)
+    from .redis_client import build_redis, check_available
+
+    r = build_redis(s.redis)
+    check_available(r, s.redis.url)
+    if via_celery:
+        from . import tasks as task_mod
+
+        for i, (name, _) in enumerate(steps, 1):
+            typer.echo(f"[{i}/{len(steps)}] {name} (celery) ...")
+            res = getattr(task_mod, name).delay().get(timeout=timeout)
+            typer.echo(f"      {json.dumps(res, default=str)}")
+        return
+    import time
+
+    for i, (name, fn) in enumerate(steps, 1):
+        typer.echo(f"[{i}/{len(steps)}] {name} ...")
+        t0 = time.perf_counter()
+        res = fn(s, client, r)
+        typer.echo(f"      done in {time.perf_counter() - t0:.1f} s: {json.dumps(res, default=str)}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(ctx: typer.Context,
            concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,

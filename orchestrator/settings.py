@@ -91,6 +91,8 @@ class BanditSettings(BaseModel):
     refresh_interval_s: float = Field(1.0, ge=0)
     seed: int | None = None
     bucket_keys: tuple[str, ...] = ("intent", "daypart")
+    #: Half-life of the time decay when posteriors are rebuilt from the log (None: no decay).
+    rebuild_half_life_days: float | None = Field(14.0, gt=0)
 
 
 class FeedbackSettings(BaseModel):
@@ -103,6 +105,27 @@ class FeedbackSettings(BaseModel):
 class RescorerSettings(BaseModel):
     #: Folder of versioned ``rescorer.v<N>.json`` models (shared by API and workers).
     model_dir: Path | None = PROJECT_ROOT / "models" / "rescorer"
+    #: How often (at most) a running orchestrator looks for a newly promoted model.
+    reload_interval_s: float = Field(30.0, ge=0)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    min_examples: int = Field(20, ge=1)
+    min_holdout: int = Field(5, ge=1)
+    min_improvement: float = Field(0.0, ge=0)
+
+
+class QuSettings(BaseModel):
+    """Query understanding: where the promoted model lives, how it is retrained from clicks."""
+
+    model_dir: Path = PROJECT_ROOT / "qu_models"
+    min_support: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class MemorySettings(BaseModel):
+    """Learning the Q2E memory from user actions (see :mod:`orchestrator.memory`)."""
+
+    half_life_days: float = Field(30.0, gt=0)
+    prior_strength: float = Field(2.0, gt=0)
 
 
 class CelerySettings(BaseModel):
@@ -134,6 +157,8 @@ class OrchestratorSettings(BaseSettings):
     bandit: BanditSettings = BanditSettings()
     feedback: FeedbackSettings = FeedbackSettings()
     rescorer: RescorerSettings = RescorerSettings()
+    memory: MemorySettings = MemorySettings()
+    qu: QuSettings = QuSettings()
 
     def celery_urls(self) -> tuple[str, str]:
         """Broker and result-backend URLs (Redis db 1 and 2 of ``redis.url`` by default)."""
