@@ -109,11 +109,13 @@ def _slice(settings: Any, name: str, defaults: Mapping[str, Any],
     return out
 
 
-def _default_understander() -> Understander | None:
+def _default_understander(model_dir: Any = None) -> Understander | None:
     try:
-        from .understanding import get_understander  # type: ignore[attr-defined]
+        from .understanding import ReloadingUnderstander, get_understander
 
-        return get_understander()  # type: ignore[no-any-return]
+        get_understander(model_dir)  # load now: a missing model is reported at start-up
+        # Always the newest promoted model: a retrained QU is picked up without a restart.
+        return ReloadingUnderstander(model_dir)
     except (ImportError, OrchestratorError, OSError) as exc:
         logger.warning("query understanding unavailable (%s); searching without QU", exc)
         return None
@@ -403,7 +405,8 @@ class Orchestrator:
             rescorer_dir = Path(model_dir) if model_dir else None
             rescorer = load_latest(rescorer_dir)
         if understander == "auto":
-            understander = _default_understander()
+            qu = getattr(settings, "qu", None)
+            understander = _default_understander(getattr(qu, "model_dir", None))
         if encoder_factory is None:
             def encoder_factory() -> Any:
                 from .embeddings import get_encoder

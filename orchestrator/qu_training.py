@@ -4,8 +4,9 @@ Consumes the music catalog (:class:`orchestrator.catalog.CatalogBuilder`) and th
 titles of ``playlists_dev.csv``; produces the artifacts :class:`orchestrator.understanding.
 QueryUnderstander` loads: a spaCy pipeline (``span_ruler`` patterns + ``textcat``) saved with
 ``nlp.to_disk``, a lexicon (``lexicon.json``, ``artists.tsv``), the held-out examples
-(``eval/heldout.jsonl``) and ``metadata.json`` (version, training-data hash, label counts,
-held-out metrics). Nothing is pickled and nothing is downloaded.
+(``eval/heldout.jsonl``), the generated training examples (``train/generated.jsonl.gz``,
+reused by :mod:`orchestrator.qu_retrain`) and ``metadata.json`` (version, training-data hash,
+label counts, held-out metrics). Nothing is pickled and nothing is downloaded.
 
 How the training labels are made
 --------------------------------
@@ -64,6 +65,7 @@ learned model); held-out numbers measure the resolution, fuzzy matching and inte
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import logging
@@ -735,6 +737,145 @@ def _prf(k: Counter[str]) -> dict[str, float]:
 
 
 # -- training -----------------------------------------------------------------------------------
+#: Generated training examples saved next to a model (relative to the model folder).
+TRAIN_EXAMPLES_FILE = "train/generated.jsonl.gz"
+
+
+def generate_examples(summary: CatalogSummary, lexicon: LexiconData, titles: Sequence[str],
+                      slotter: QueryUnderstander, *, seed: int = 0) -> list[QUExample]:
+    """All generated examples (train and held-out) in the order :func:`train` makes them.
+
+    Parameters
+    ----------
+    summary, lexicon:
+        From :func:`summarize_catalog` and :func:`build_lexicon`.
+    titles:
+        Playlist titles (:func:`read_playlist_titles`).
+    slotter:
+        Labels the playlist titles (:func:`playlist_intent`); only its slots are used.
+    seed:
+        Seeds the generator.
+
+    Returns
+    -------
+    list of QUExample
+    """
+    gen = ExampleGenerator(summary, lexicon, seed=seed)
+    examples = (gen.known_items() + gen.artists() + gen.browse() + gen.topical() + gen.broad()
+                + gen.playlists(titles, slotter))
+    return [e for e in examples if normalize_query(e.text)]
+
+
+def split_examples(examples: Sequence[QUExample], *,
+                   seed: int = 0) -> tuple[list[QUExample], list[QUExample]]:
+    """``(train, heldout)`` split by example group (see the module docstring)."""
+    train_ex = [e for e in examples if not _in_heldout(e.group, seed)]
+    held_ex = [e for e in examples if _in_heldout(e.group, seed)]
+    return train_ex, held_ex
+
+
+def regenerate_examples(data_dir: Path, slotter: QueryUnderstander, *,
+                        seed: int = 0) -> list[QUExample]:
+    """Re-read the catalog and generate the examples again (about 30 s on the full catalog).
+
+    With the catalog, playlist titles and seed of a trained model this reproduces its examples
+    (compare :func:`hash_examples` with its ``training_data_sha256``).
+    """
+    summary = summarize_catalog(Path(data_dir))
+    lexicon = build_lexicon(summary)
+    return generate_examples(summary, lexicon, read_playlist_titles(Path(data_dir)), slotter,
+                             seed=seed)
+
+
+def save_examples(path: Path, examples: Iterable[QUExample]) -> None:
+    """Write examples as JSON lines, gzipped when ``path`` ends in ``.gz`` (with a zero
+    timestamp, so the same examples give the same bytes); creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(e.as_json(), ensure_ascii=False) + "\n" for e in examples)
+    if path.suffix == ".gz":
+        with path.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+            gz.write(lines.encode("utf-8"))
+    else:
+        path.write_text(lines, encoding="utf-8")
+
+
+def load_examples(path: Path) -> list[QUExample]:
+    """Read examples written by :func:`save_examples`."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    else:
+        text = path.read_text(encoding="utf-8")
+    return [QUExample.from_json(json.loads(line)) for line in text.splitlines() if line.strip()]
+
+
+def fit_intent(nlp: Any, lexicon: Lexicon, examples: Sequence[QUExample], *,
+               rng: random.Random, n_epochs: int = 6, batch_size: int = 64,
+               slotter: QueryUnderstander | None = None,
+               timing: dict[str, float] | None = None) -> dict[str, float]:
+    """Train the ``textcat`` of ``nlp`` in place on ``examples`` and mark it trained.
+
+    The classifier reads each query plus the markers of the slots the *runtime* slotter finds
+    (:meth:`~orchestrator.understanding._Slotted.augmented`), so ``slotter`` must use the
+    same ruler and lexicon the model will be loaded with (default: ``nlp`` and ``lexicon``).
+
+    Parameters
+    ----------
+    nlp:
+        Pipeline with a ``span_ruler`` and an initialised ``textcat``.
+    lexicon:
+        The lexicon the slotter uses.
+    examples:
+        Labelled training queries.
+    rng:
+        Shuffles the examples every epoch.
+    n_epochs, batch_size:
+        Training schedule.
+    slotter:
+        Finds the slots (default ``QueryUnderstander(nlp, lexicon)``).
+    timing:
+        When given, ``timing["slotting"]`` and ``timing["fit"]`` are set (seconds).
+
+    Returns
+    -------
+    dict
+        Losses of the last epoch.
+    """
+    from spacy.training import Example
+    from spacy.util import minibatch
+
+    t0 = time.perf_counter()
+    slotter = slotter or QueryUnderstander(nlp, lexicon)
+    slotted = slotter.slot_many([e.text for e in examples])
+    t_slot = time.perf_counter() - t0
+    textcat = nlp.get_pipe("textcat")
+    train_docs = [
+        Example.from_dict(nlp.make_doc(s.augmented(lexicon)),
+                          {"cats": {k: float(k == e.intent) for k in INTENTS}})
+        for e, s in zip(examples, slotted)
+    ]
+    del slotted
+    optimizer = nlp.resume_training()
+    losses: dict[str, float] = {}
+    for epoch in range(n_epochs):
+        rng.shuffle(train_docs)
+        losses = {}
+        for batch in minibatch(train_docs, size=batch_size):
+            textcat.update(batch, sgd=optimizer, losses=losses)
+        logger.info("epoch %d textcat loss %.3f", epoch, losses.get("textcat", 0.0))
+    nlp.meta[INTENT_TRAINED_META] = True
+    if timing is not None:
+        timing["slotting"] = t_slot
+        timing["fit"] = time.perf_counter() - t0 - t_slot
+    return losses
+
+
+def hash_examples(examples: Iterable[QUExample]) -> str:
+    """SHA-256 of examples in order (the ``training_data_sha256`` of ``metadata.json``)."""
+    return _hash_examples(examples)
+
+
 def _hash_examples(examples: Iterable[QUExample]) -> str:
     h = hashlib.sha256()
     for e in examples:
@@ -769,8 +910,6 @@ def train(data_dir: Path, out_dir: Path = DEFAULT_MODEL_DIR, *, seed: int = 0,
         The metadata written to ``metadata.json`` (includes the held-out metrics).
     """
     import spacy
-    from spacy.training import Example
-    from spacy.util import minibatch
 
     t0 = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -788,34 +927,15 @@ def train(data_dir: Path, out_dir: Path = DEFAULT_MODEL_DIR, *, seed: int = 0,
                       title_popularity=lexicon.title_popularity)
     slotter = QueryUnderstander(nlp, lex_obj)  # slots only: the classifier is not trained yet
 
-    gen = ExampleGenerator(summary, lexicon, seed=seed)
-    examples = (gen.known_items() + gen.artists() + gen.browse() + gen.topical() + gen.broad()
-                + gen.playlists(titles, slotter))
-    examples = [e for e in examples if normalize_query(e.text)]
-    train_ex = [e for e in examples if not _in_heldout(e.group, seed)]
-    held_ex = [e for e in examples if _in_heldout(e.group, seed)]
+    examples = generate_examples(summary, lexicon, titles, slotter, seed=seed)
+    train_ex, held_ex = split_examples(examples, seed=seed)
     logger.info("generated %d examples (%d train, %d held-out)", len(examples), len(train_ex),
                 len(held_ex))
 
-    # the classifier reads the query plus markers of the slots the *runtime* slotter finds
-    slotted = slotter.slot_many([e.text for e in train_ex])
-    t_slot = time.perf_counter() - t0
-    textcat = nlp.get_pipe("textcat")
-    train_docs = [
-        Example.from_dict(nlp.make_doc(s.augmented(lex_obj)),
-                          {"cats": {k: float(k == e.intent) for k in INTENTS}})
-        for e, s in zip(train_ex, slotted)
-    ]
-    del slotted
-    optimizer = nlp.resume_training()
-    for epoch in range(n_epochs):
-        rng.shuffle(train_docs)
-        losses: dict[str, float] = {}
-        for batch in minibatch(train_docs, size=batch_size):
-            textcat.update(batch, sgd=optimizer, losses=losses)
-        logger.info("epoch %d textcat loss %.3f", epoch, losses.get("textcat", 0.0))
-
-    nlp.meta[INTENT_TRAINED_META] = True
+    timing: dict[str, float] = {}
+    fit_intent(nlp, lex_obj, train_ex, rng=rng, n_epochs=n_epochs, batch_size=batch_size,
+               slotter=slotter, timing=timing)
+    t_slot = t_catalog + timing["slotting"]
     understander = QueryUnderstander(nlp, lex_obj)
     held_parsed = understander.parse_many([e.text for e in held_ex])
     metrics_heldout = evaluate(held_parsed, held_ex)
@@ -837,6 +957,8 @@ def train(data_dir: Path, out_dir: Path = DEFAULT_MODEL_DIR, *, seed: int = 0,
     with (tmp / "eval" / "heldout.jsonl").open("w", encoding="utf-8") as fh:
         for e in held_ex:
             fh.write(json.dumps(e.as_json(), ensure_ascii=False) + "\n")
+    # kept so that retraining (orchestrator.qu_retrain) need not re-read the catalog
+    save_examples(tmp / TRAIN_EXAMPLES_FILE, train_ex)
     data_hash = _hash_examples(examples)
     metadata: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,

@@ -33,18 +33,25 @@ How a query is understood (all artifacts come from ``qu_models/``, built by
 
 Because the text classifier reads an augmented text, use the pipeline through
 :class:`QueryUnderstander`; ``nlp(text)`` alone would run the classifier without markers.
+
+Hot reload: :func:`get_understander` re-checks ``metadata.json`` of its folder at most every
+:data:`RELOAD_CHECK_S` seconds (one ``stat``) and loads the new model when its ``version``
+changed, e.g. after :func:`orchestrator.qu_retrain.retrain_from_events` promoted one. Long-lived
+holders (the search pipeline) keep a :class:`ReloadingUnderstander`, which asks
+:func:`get_understander` on every call, instead of a fixed :class:`QueryUnderstander`.
 """
 
 from __future__ import annotations
 
 import bisect
-import functools
 import json
 import logging
 import re
+import threading
+import time
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +71,8 @@ LEXICON_FILENAME = "lexicon.json"
 ARTISTS_FILENAME = "artists.tsv"
 METADATA_FILENAME = "metadata.json"
 SPANS_KEY = "qu"
+#: :func:`get_understander` looks for a newly promoted model at most this often (seconds).
+RELOAD_CHECK_S = 30.0
 #: Key in the pipeline's ``meta.json`` set once the intent classifier has been trained.
 INTENT_TRAINED_META = "ltrr_intent_trained"
 
@@ -72,6 +81,9 @@ INTENT_TRAINED_META = "ltrr_intent_trained"
 LABEL_TO_CATEGORY = {
     "artist": "artist",
     "artist_alias": "artist",
+    # a query users repeatedly resolved to one artist ("queen b" -> Beyonce), learned from
+    # clicks by orchestrator.qu_retrain; older code ignores the label (no category)
+    "artist_learned": "artist",
     "album": "album",
     "track": "track",
     "genre": "genre",
@@ -557,6 +569,9 @@ class QueryUnderstander:
                     conf *= 0.6 + 0.4 * pop
             elif label == "artist_alias":
                 conf = 0.45 + 0.3 * lex.artist_popularity.get(value, 0.0)
+            elif label == "artist_learned":
+                # users confirmed it by choosing that artist: no common-word discount
+                conf = 0.8 + 0.15 * lex.artist_popularity.get(value, 0.0)
             else:  # track / album titles
                 pop = lex.title_popularity.get(label, {}).get(value, 0.0)
                 conf = (0.45 if label == "track" else 0.4) + 0.4 * pop
@@ -723,11 +738,146 @@ def _features(s: _Slotted, slots: Sequence[Slot], intent: str, cats: dict[str, f
     return feats
 
 
-@functools.lru_cache(maxsize=4)
-def get_understander(path: str | None = None) -> QueryUnderstander:
-    """The process-wide :class:`QueryUnderstander` for ``path`` (default ``qu_models/``),
-    loaded on first use. Raises :class:`ModelNotFoundError` when it is not trained."""
-    return QueryUnderstander.load(Path(path) if path else DEFAULT_MODEL_DIR)
+@dataclass(slots=True)
+class _Loaded:
+    understander: QueryUnderstander
+    stamp: tuple[int, int, int] | None  # metadata.json (inode, mtime_ns, size) at load time
+    checked_at: float = field(default_factory=time.monotonic)
+
+
+_loaded: dict[str, _Loaded] = {}
+_loaded_lock = threading.Lock()
+
+
+def _metadata_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = (path / METADATA_FILENAME).stat()
+    except OSError:  # absent for a moment while a new model is swapped in
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _read_version(path: Path) -> str | None:
+    try:
+        return json.loads((path / METADATA_FILENAME).read_text(encoding="utf-8")).get("version")
+    except (OSError, ValueError):
+        return None
+
+
+def get_understander(path: str | Path | None = None, *,
+                     check_every_s: float | None = None) -> QueryUnderstander:
+    """The process-wide :class:`QueryUnderstander` for ``path`` (default ``qu_models/``).
+
+    Loaded on first use and cached per folder. At most every ``check_every_s`` seconds (default
+    :data:`RELOAD_CHECK_S`) a call stats the folder's ``metadata.json``; when the file changed
+    and its ``version`` differs from the loaded one, the new model is loaded and returned from
+    then on (hot reload, no restart). While a reload fails -- for instance the folder is
+    half-way through a swap -- the previous model keeps serving and the check is retried.
+
+    Parameters
+    ----------
+    path:
+        The model folder.
+    check_every_s:
+        Seconds between checks for a new version; ``0`` checks on every call.
+
+    Returns
+    -------
+    QueryUnderstander
+        The same object as long as the version is unchanged.
+
+    Raises
+    ------
+    ModelNotFoundError
+        When there is no usable model on first use.
+    """
+    folder = Path(path) if path else DEFAULT_MODEL_DIR
+    key = str(folder)
+    interval = RELOAD_CHECK_S if check_every_s is None else check_every_s
+    entry = _loaded.get(key)
+    if entry is not None and time.monotonic() - entry.checked_at < interval:
+        return entry.understander
+    with _loaded_lock:
+        entry = _loaded.get(key)
+        if entry is None:
+            stamp = _metadata_stamp(folder)
+            entry = _loaded[key] = _Loaded(QueryUnderstander.load(folder), stamp)
+            return entry.understander
+        if time.monotonic() - entry.checked_at < interval:  # another thread just checked
+            return entry.understander
+        entry.checked_at = time.monotonic()
+        stamp = _metadata_stamp(folder)
+        if stamp is None or stamp == entry.stamp:
+            return entry.understander
+        current = entry.understander.metadata.get("version")
+        if _read_version(folder) == current:
+            entry.stamp = stamp  # rewritten, same version: nothing to load
+            return entry.understander
+        try:
+            fresh = QueryUnderstander.load(folder)
+        except (OSError, ValueError, ConfigurationError) as exc:
+            logger.warning("new query-understanding model at %s not loaded (%s); keeping %s",
+                           folder, exc, current)
+            return entry.understander
+        if _metadata_stamp(folder) != stamp:  # swapped again while loading: retry next time
+            logger.info("query-understanding model at %s changed while loading; retrying", folder)
+            return entry.understander
+        logger.info("query-understanding model at %s reloaded: version %s -> %s", folder,
+                    current, fresh.metadata.get("version"))
+        entry.understander, entry.stamp = fresh, stamp
+        return fresh
+
+
+def clear_understander_cache(path: str | Path | None = None) -> None:
+    """Forget the loaded model of ``path``, or every loaded model when ``path`` is ``None``
+    (tests; the next :func:`get_understander` call loads again)."""
+    with _loaded_lock:
+        if path is None:
+            _loaded.clear()
+        else:
+            _loaded.pop(str(Path(path)), None)
+
+
+#: Compatibility with the former ``functools.lru_cache`` wrapper.
+get_understander.cache_clear = lambda: clear_understander_cache()  # type: ignore[attr-defined]
+
+
+class ReloadingUnderstander:
+    """A stand-in for :class:`QueryUnderstander` that always uses the newest promoted model.
+
+    Every call goes through :func:`get_understander` (one ``time.monotonic()`` comparison per
+    call, a ``stat`` every ``check_every_s`` seconds), so an object that holds this one --
+    the search pipeline -- picks up a retrained model without a restart.
+
+    Parameters
+    ----------
+    path:
+        The model folder (default ``qu_models/``).
+    check_every_s:
+        See :func:`get_understander`.
+    """
+
+    def __init__(self, path: str | Path | None = None, *,
+                 check_every_s: float | None = None) -> None:
+        self.path = Path(path) if path else DEFAULT_MODEL_DIR
+        self.check_every_s = check_every_s
+        self.current()  # fail early (ModelNotFoundError) when there is no model at all
+
+    def current(self) -> QueryUnderstander:
+        """The model in use right now."""
+        return get_understander(self.path, check_every_s=self.check_every_s)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.current().metadata
+
+    def parse(self, text: str) -> ParsedQuery:
+        """See :meth:`QueryUnderstander.parse`."""
+        return self.current().parse(text)
+
+    def parse_many(self, texts: Iterable[str], *, batch_size: int = 256) -> list[ParsedQuery]:
+        """See :meth:`QueryUnderstander.parse_many`."""
+        return self.current().parse_many(texts, batch_size=batch_size)
 
 
 def format_parsed(pq: ParsedQuery) -> str:

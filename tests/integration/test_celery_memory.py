@@ -4,6 +4,7 @@ never matches it lexically, the memory arm retrieves it for that query."""
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 
 import pytest
@@ -28,7 +29,8 @@ def _run(es, settings, alias, arm):
     return [h.id for h in res.hits]
 
 
-def test_memory_arm_learns_from_clicks(es, settings, redis_client, redis_prefix, test_alias):
+def test_memory_arm_learns_from_clicks(es, settings, redis_client, redis_prefix, test_alias,
+                                       tmp_path):
     summary = CatalogIndexer(es, alias=test_alias, mappings_dir=settings.ingest.mappings_dir,
                              encoder=None).run(CatalogBuilder(settings.ingest.data_dir, limit=400),
                                                progress=False)
@@ -48,10 +50,13 @@ def test_memory_arm_learns_from_clicks(es, settings, redis_client, redis_prefix,
               "ts": "2026-11-25T10:00:05+00:00"}
         redis_client.xadd(stream, {"type": "impression", "data": json.dumps(imp)})
         redis_client.xadd(stream, {"type": "feedback", "data": json.dumps(fb)})
+    qu_dir = tmp_path / "qu_models"
+    shutil.copytree(settings.qu.model_dir, qu_dir)
     harness = WorkerHarness(LTRR_REDIS__KEY_PREFIX=redis_prefix, LTRR_ES__EVENTS_ALIAS=events_alias,
-                            LTRR_ES__CATALOG_ALIAS=test_alias)
+                            LTRR_ES__CATALOG_ALIAS=test_alias, LTRR_QU__MODEL_DIR=str(qu_dir))
     try:
-        moved, memory, again = harness.run("move_events", "train_memory", "train_memory")
+        moved, memory, again, qu = harness.run("move_events", "train_memory", "train_memory",
+                                               "train_qu")
         assert moved["moved"] == 6
         assert memory["interactions"] == 3 and memory["items"] == 1 and memory["new_pairs"] == 1
         # Idempotent: a second run writes the same entry, adds nothing new.
@@ -64,5 +69,10 @@ def test_memory_arm_learns_from_clicks(es, settings, redis_client, redis_prefix,
         assert 0.5 < learned["score"] <= 1.0
         # The predicted (cold-start) entries are kept with their priors.
         assert any(e["source"] == "predicted" for e in q2e.values())
+        # The QU task ran on the worker too: three clicks of one query are below what a
+        # promotion needs, so the model folder is untouched and still loads.
+        assert qu["promoted"] is False and "reason" in qu
+        assert json.loads((qu_dir / "metadata.json").read_text())["version"] == json.loads(
+            (settings.qu.model_dir / "metadata.json").read_text())["version"]
     finally:
         es.indices.delete(index=f"{events_alias}*", ignore_unavailable=True, allow_no_indices=True)
