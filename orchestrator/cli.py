@@ -208,7 +208,7 @@ def search(
         console.print(f"[bold]query[/bold] {escape(query)}  intent={pq.get('intent')}  "
                       f"slots: {escape(slots)}")
     plan = Table(title=f"plan (request {resp.request_id})")
-    for col in ("arm", "budget", "sampled value", "propensity", "hits", "status"):
+    for col in ("arm", "budget", "sampled value", "propensity", f"in top {size}", "status"):
         plan.add_column(col)
     failed = {f.arm: f for f in resp.failures}
     hits_per_arm: dict[str, int] = {}

@@ -15,7 +15,9 @@ when missing):
 
 The default model, before any training, is reciprocal-rank fusion plus small priors
 (:data:`DEFAULT_WEIGHTS`: a top-ranked RRF contribution is 1/61 = 0.016; popularity adds at
-most 0.002, exact title 0.006, slot matches 0.002-0.004: tie-breakers, not overrides).
+most 0.002; a candidate matching the query's title and artist slots gains 0.016-0.024, about
+one top rank: what QU recognised outranks arm agreement on loosely related items, while
+fusion still orders everything else).
 Trained models are scikit-learn logistic regressions on standardised features, stored as
 versioned JSON (coefficients + metadata), never pickle: ``rescorer.v<N>.json`` files in a
 model folder whose ``current`` pointer (JSON ``{"version": N, ...}``, replaced atomically)
@@ -55,9 +57,9 @@ GENERIC_FEATURES: tuple[str, ...] = (
 )
 
 DEFAULT_WEIGHTS: dict[str, float] = {
-    "rrf": 1.0, "popularity": 0.002, "artist_match": 0.004, "title_match": 0.004,
-    "album_match": 0.002, "genre_match": 0.002, "mood_match": 0.001, "era_match": 0.001,
-    "title_exact": 0.006, "type_intent_match": 0.002,
+    "rrf": 1.0, "popularity": 0.002, "artist_match": 0.008, "title_match": 0.008,
+    "album_match": 0.004, "genre_match": 0.002, "mood_match": 0.001, "era_match": 0.001,
+    "title_exact": 0.008, "type_intent_match": 0.003,
 }
 
 #: Entity types an intent asks for (``type_intent_match``); other intents have no preference.
