@@ -114,64 +114,48 @@ CHAIN: tuple[tuple[str, Callable[..., dict[str, Any]]], ...] = (
 )
 
 
-# -- tasks ---------------------------------------------------------------------------------
+# -- tasks ----------------------------------------------------------------------------------
 
 _TASK = {"autoretry_for": RETRY_ON, "retry_backoff": True, "retry_jitter": True,
          "max_retries": 5}
 
 
-@app.task(name="orchestrator.tasks.move_events", **_TASK)
-def move_events(crash_after_write: bool = False) -> dict[str, Any]:
-    """Move impression/feedback events from the Redis stream into the events index. No lock:
-    consumer-group delivery splits entries between concurrent movers, and an entry written
-    twice lands under the same id."""
-    es, r = _clients()
-    res = run_move_events(_settings(), es, r, crash_after_write=crash_after_write)
-    logger.info("moved events: %s", res)
-    return res
+def _task(name: str, job: Callable[..., dict[str, Any]], doc: str) -> Any:
+    """Register ``job`` as the task ``orchestrator.tasks.<name>`` (clients built once per
+    worker process, settings from the environment)."""
+
+    def run(**kwargs: Any) -> dict[str, Any]:
+        es, r = _clients()
+        res = job(_settings(), es, r, **kwargs)
+        logger.info("%s: %s", name, res)
+        return res
+
+    run.__name__, run.__doc__ = name, doc
+    return app.task(name=f"orchestrator.tasks.{name}", **_TASK)(run)
 
 
-@app.task(name="orchestrator.tasks.train_memory", **_TASK)
-def train_memory() -> dict[str, Any]:
-    """Recompute the Q2E memory from the events index and write it into the catalog."""
-    es, r = _clients()
-    res = run_train_memory(_settings(), es, r)
-    logger.info("q2e memory: %s", res)
-    return res
+move_events = _task("move_events", run_move_events,
+                    "Move impression/feedback events from the Redis stream into the events "
+                    "index. No lock: consumer-group delivery splits entries between concurrent "
+                    "movers, and an entry written twice lands under the same id.")
+train_memory = _task("train_memory", run_train_memory,
+                     "Recompute the Q2E memory from the events index and write it into the catalog.")
+rebuild_posteriors = _task("rebuild_posteriors", run_rebuild_posteriors,
+                           "Rebuild the bandit statistics from the log (time-decayed) and swap "
+                           "them in atomically.")
+train_ranker = _task("train_ranker", run_train_ranker,
+                     "Retrain the rescorer; promote only when it beats the current one on "
+                     "held-out data.")
+train_qu = _task("train_qu", run_train_qu,
+                 "Retrain query understanding from click-derived labels; promote only when better.")
 
-
-@app.task(name="orchestrator.tasks.rebuild_posteriors", **_TASK)
-def rebuild_posteriors() -> dict[str, Any]:
-    """Rebuild the bandit statistics from the log (time-decayed) and swap them in atomically."""
-    es, r = _clients()
-    res = run_rebuild_posteriors(_settings(), es, r)
-    logger.info("posteriors: %s", res)
-    return res
-
-
-@app.task(name="orchestrator.tasks.train_ranker", **_TASK)
-def train_ranker() -> dict[str, Any]:
-    """Retrain the rescorer; promote only when it beats the current one on held-out data."""
-    es, r = _clients()
-    res = run_train_ranker(_settings(), es, r)
-    logger.info("ranker: %s", res)
-    return res
-
-
-@app.task(name="orchestrator.tasks.train_qu", **_TASK)
-def train_qu() -> dict[str, Any]:
-    """Retrain query understanding from click-derived labels; promote only when better."""
-    es, r = _clients()
-    res = run_train_qu(_settings(), es, r)
-    logger.info("qu: %s", res)
-    return res
+_BY_NAME = {"move_events": move_events, "train_memory": train_memory,
+            "rebuild_posteriors": rebuild_posteriors, "train_ranker": train_ranker,
+            "train_qu": train_qu}
 
 
 @app.task(name="orchestrator.tasks.retrain_all", ignore_result=True)
 def retrain_all() -> str:
     """Queue the whole chain (each step starts when the previous one succeeded)."""
-    tasks = {"move_events": move_events, "train_memory": train_memory,
-             "rebuild_posteriors": rebuild_posteriors, "train_ranker": train_ranker,
-             "train_qu": train_qu}
-    result = chain(*(tasks[name].si() for name, _ in CHAIN)).apply_async()
+    result = chain(*(_BY_NAME[name].si() for name, _ in CHAIN)).apply_async()
     return str(result.id)
