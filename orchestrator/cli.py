@@ -7,8 +7,7 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -69,9 +68,9 @@ def check() -> None:
 
 @app.command()
 def index(
-    limit: Annotated[Optional[int], typer.Option(help="Index at most this many tracks.")] = None,
-    genre: Annotated[Optional[list[str]], typer.Option(help="Only tracks of these genres (repeatable).")] = None,
-    alias: Annotated[Optional[str], typer.Option(help="Alias to load (default: es.catalog_alias).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Index at most this many tracks.")] = None,
+    genre: Annotated[list[str] | None, typer.Option(help="Only tracks of these genres (repeatable).")] = None,
+    alias: Annotated[str | None, typer.Option(help="Alias to load (default: es.catalog_alias).")] = None,
     embeddings: Annotated[bool, typer.Option(help="Compute dense vectors for the kNN arm.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -177,9 +176,9 @@ def search(
     query: str,
     size: Annotated[int, typer.Option(help="Results to return.")] = 10,
     per_arm: Annotated[bool, typer.Option("--per-arm", help="Run arms directly, a table each.")] = False,
-    arm: Annotated[Optional[list[str]], typer.Option(help="With --per-arm: arm(s) to run (default: all).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Request context: device.")] = None,
-    locale: Annotated[Optional[str], typer.Option(help="Request context: locale.")] = None,
+    arm: Annotated[list[str] | None, typer.Option(help="With --per-arm: arm(s) to run (default: all).")] = None,
+    device: Annotated[str | None, typer.Option(help="Request context: device.")] = None,
+    locale: Annotated[str | None, typer.Option(help="Request context: locale.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Search QUERY: the bandit's plan (arms, budgets, propensities) and the merged, rescored
@@ -309,7 +308,7 @@ def serve(host: Annotated[str, typer.Option()] = "127.0.0.1",
 def retrain(
     now: Annotated[bool, typer.Option("--now", help="Run the whole chain once, now.")] = False,
     via_celery: Annotated[bool, typer.Option("--via-celery", help="Run it on the Celery workers and wait.")] = False,
-    step: Annotated[Optional[list[str]], typer.Option(help="Only these steps (repeatable).")] = None,
+    step: Annotated[list[str] | None, typer.Option(help="Only these steps (repeatable).")] = None,
     timeout: Annotated[float, typer.Option(help="With --via-celery: seconds to wait per step.")] = 1800,
 ) -> None:
     """Retrain from the click log: move events, Q2E memory, bandit posteriors, ranker, QU.

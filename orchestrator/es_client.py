@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from elasticsearch import Elasticsearch
-from elasticsearch import TransportError
+from elasticsearch import Elasticsearch, TransportError
 
 from .errors import ServiceUnavailableError
 from .settings import EsSettings

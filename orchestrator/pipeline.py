@@ -20,6 +20,7 @@ import datetime as _dt
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 import redis as redis_lib
 from elasticsearch import Elasticsearch
 
-from .arms import base_params, build_request, validate_query
+from .arms import applicable, build_requests, validate_query
 from .bandit_state import RedisBanditStore
 from .domain import (
     ArmFailure,
@@ -66,7 +67,7 @@ from .selection import (
     SelectionContext,
     make_selector,
 )
-from .templates import SearchTemplate, TemplateRegistry
+from .templates import TemplateRegistry
 from .text import normalize_query
 
 logger = logging.getLogger(__name__)
@@ -170,19 +171,6 @@ def _rescorer_label(rescorer: Any) -> str:
     name = getattr(rescorer, "name", type(rescorer).__name__)
     version = getattr(rescorer, "metadata", {}).get("version")
     return f"{name}.v{version}" if version else name
-
-
-def _fallback_applicable(template: SearchTemplate, parsed: ParsedQuery | None) -> bool:
-    need = template.meta.get("required_slots") or []
-    have = {s.category for s in parsed.slots} if parsed is not None else set()
-    return all(n in have for n in need)
-
-
-def _resolve_arms_api() -> tuple[Callable[..., list[ArmRequest]] | None, Callable[..., bool]]:
-    """``arms.build_requests`` / ``arms.applicable`` when arms.py provides them."""
-    from . import arms
-
-    return getattr(arms, "build_requests", None), getattr(arms, "applicable", _fallback_applicable)
 
 
 def _coerce_context(context: RequestContext | Mapping[str, Any] | None,
@@ -336,7 +324,6 @@ class Orchestrator:
         self.redis_url = redis_url
         self.extractor = FeatureExtractor([t.arm for t in registry])
         self._specs = {t.id: ArmSpec.from_template(t) for t in registry}
-        self._build_requests, self._applicable = _resolve_arms_api()
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -457,19 +444,15 @@ class Orchestrator:
 
     # -- search --------------------------------------------------------------------------------
     def eligible_arms(self, parsed: ParsedQuery | None) -> list[ArmSpec]:
-        return [self._specs[t.id] for t in self.registry if self._applicable(t, parsed)]
+        return [self._specs[t.id] for t in self.registry if applicable(t, parsed)]
 
     def _requests(self, parsed: ParsedQuery | None, query: str, budgets: dict[str, int],
-                  vector: list[float] | None) -> list[ArmRequest]:
-        if self._build_requests is not None:
-            return self._build_requests(self.registry, parsed, query, budgets=budgets, vector=vector)
-        out = []
-        for arm, budget in budgets.items():
-            avail = base_params(query, size=budget)
-            if vector is not None:
-                avail["query_vector"] = vector
-            out.append(build_request(self.registry.get(arm), avail))
-        return out
+                  vector: list[float] | None, request_id: str) -> list[ArmRequest]:
+        # The explore arm's random draw is seeded from the request id, so the list a user
+        # saw can be replayed from the impression alone.
+        seed = zlib.crc32(request_id.encode()) & 0x7FFFFFFF
+        return build_requests(self.registry, parsed, query, budgets=budgets, vector=vector,
+                              seed=seed, max_query_chars=self.max_query_chars)
 
     def _vector(self, query: str, arms: Sequence[str]) -> list[float] | None:
         needs = any(any(p.name == "query_vector" for p in self.registry.get(a).params) for a in arms)
@@ -514,7 +497,7 @@ class Orchestrator:
         timings["encode"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        requests = self._requests(parsed, q, decision.budgets, vector)
+        requests = self._requests(parsed, q, decision.budgets, vector, rid)
         timings["build"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -18,7 +18,12 @@ from typing import Any, Literal
 from elasticsearch import Elasticsearch, NotFoundError
 
 from . import mustache
-from .errors import ConfigurationError, TemplateNotFoundError, TemplateParamsError, TemplateSyntaxError
+from .errors import (
+    ConfigurationError,
+    TemplateNotFoundError,
+    TemplateParamsError,
+    TemplateSyntaxError,
+)
 
 logger = logging.getLogger(__name__)
 
