@@ -194,7 +194,13 @@ def test_explore_shows_the_long_tail_reproducibly(search) -> None:
     assert [h.id for h in a] == [h.id for h in again]
     assert [h.id for h in a] != [h.id for h in other]
     assert all(h.source["popularity"] <= 60 for h in a)
-    assert len({h.id for h in a} & {h.id for h in head}) <= 4
+    # Mostly the long tail. random_score salts its draw with the index name and shard, so
+    # the overlap for one seed varies from one index build to the next (1-5 of 20 seen):
+    # bound the mean over several seeds, and each seed loosely.
+    head_ids = {h.id for h in head}
+    overlaps = [len({h.id for h in search("explore", "summer love", size=20, seed=sd)} & head_ids)
+                for sd in range(11, 21)]
+    assert sum(overlaps) / len(overlaps) <= 4 and max(overlaps) <= 8, overlaps
     # still loosely about the query: most titles carry one of its words
     words = [set(_titles([h])[0].split()) for h in a]
     assert sum(bool(w & {"summer", "love"}) for w in words) >= 10
