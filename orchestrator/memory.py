@@ -124,29 +124,34 @@ def merge_entries(current: list[dict[str, Any]], evidence: Mapping[str, PairEvid
     return entries[:max_entries]
 
 
-def load_interactions(es: Elasticsearch, events_alias: str) -> list[Interaction]:
-    """Join feedback events with their impressions (query and rank) from the events index."""
-    impressions: dict[str, dict[str, Any]] = {}
-    feedback: list[dict[str, Any]] = []
-    for hit in helpers.scan(es, index=events_alias, query={"query": {"terms": {
-            "type": ["impression", "feedback"]}}}, _source=True, size=1000):
-        src = hit["_source"]
-        if src.get("type") == "impression" and src.get("request_id"):
-            impressions[src["request_id"]] = src
-        elif src.get("type") == "feedback":
-            feedback.append(src)
+def interactions_from_events(events: Iterable[Mapping[str, Any]]) -> list[Interaction]:
+    """Join feedback events with their impressions (query, rank) -- pure function over events
+    in the stream's shape (``{"type": ..., **data}``, as :func:`training.load_events` returns)."""
+    impressions: dict[str, Mapping[str, Any]] = {}
+    feedback: list[Mapping[str, Any]] = []
+    for ev in events:
+        if ev.get("type") == "impression" and ev.get("request_id"):
+            impressions[ev["request_id"]] = ev
+        elif ev.get("type") == "feedback":
+            feedback.append(ev)
     out = []
     for fb in feedback:
         imp = impressions.get(fb.get("request_id", ""), {})
-        query = fb.get("query") or imp.get("query") or imp.get("payload", {}).get("query")
+        query = fb.get("query") or imp.get("query")
         key = fb.get("query_key") or imp.get("query_key") or (normalize_query(query) if query else "")
         rank = fb.get("rank")
         if rank is None:
-            rank = _rank_in_impression(imp.get("payload", {}), fb.get("item_id"))
-        ts = _epoch_seconds(fb.get("ts"))
+            rank = _rank_in_impression(imp, fb.get("item_id"))
         if key and fb.get("item_id") and fb.get("action"):
-            out.append(Interaction(key, fb["item_id"], fb["action"], rank, ts))
+            out.append(Interaction(key, fb["item_id"], fb["action"], rank, _epoch_seconds(fb.get("ts"))))
     return out
+
+
+def load_interactions(es: Elasticsearch, events_alias: str) -> list[Interaction]:
+    """Interactions of the Elasticsearch events alias (see :func:`interactions_from_events`)."""
+    from .training import load_events
+
+    return interactions_from_events(load_events(es, events_alias=events_alias))
 
 
 def _epoch_seconds(ts: Any) -> float:
@@ -161,9 +166,9 @@ def _epoch_seconds(ts: Any) -> float:
     return 0.0
 
 
-def _rank_in_impression(payload: Mapping[str, Any], item_id: str | None) -> int | None:
-    for field in ("items", "results", "shown"):
-        for i, item in enumerate(payload.get(field) or [], start=1):
+def _rank_in_impression(impression: Mapping[str, Any], item_id: str | None) -> int | None:
+    for field in ("shown", "items", "results"):
+        for i, item in enumerate(impression.get(field) or [], start=1):
             iid = item.get("id") or item.get("item_id") if isinstance(item, dict) else item
             if iid == item_id:
                 return int(item.get("rank", i)) if isinstance(item, dict) else i

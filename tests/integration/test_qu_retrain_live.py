@@ -18,6 +18,7 @@ import uuid
 import pytest
 from elasticsearch import helpers
 
+from orchestrator.event_log import event_document
 from orchestrator.qu_retrain import retrain_from_events
 from orchestrator.understanding import (
     DEFAULT_MODEL_DIR,
@@ -80,19 +81,21 @@ def _track(es, alias, title, artist):
 
 
 def _write_events(es, alias, sessions, *, start_ms):
-    """One impression + one feedback event per chosen item, a minute apart."""
+    """One impression + one feedback event per chosen item, a minute apart, stored exactly as
+    the Celery mover stores stream entries (``event_log.event_document``)."""
     actions = []
     ts = start_ms
     for query, items in sessions:
         for i, item in enumerate(items):
             ts += 60_000
             rid = uuid.uuid4().hex
-            actions.append({"_index": alias, "_source": {
-                "type": "impression", "request_id": rid, "query": query, "ts": ts,
-                "payload": {"items": [{"id": item, "rank": 1 + i % 3}]}}})
-            actions.append({"_index": alias, "_source": {
-                "type": "feedback", "request_id": rid, "item_id": item,
-                "action": ("click", "play", "like")[i % 3], "ts": ts + 4_000}})
+            imp = {"request_id": rid, "query": query, "ts": ts,
+                   "shown": [{"id": item, "rank": 1 + i % 3}]}
+            fb = {"request_id": rid, "item_id": item, "action": ("click", "play", "like")[i % 3],
+                  "ts": ts + 4_000}
+            for seq, (kind, data) in enumerate((("impression", imp), ("feedback", fb))):
+                doc = event_document(f"{ts}-{seq}", {"type": kind, "data": json.dumps(data)})
+                actions.append({"_index": alias, "_id": doc["event_id"], "_source": doc})
     helpers.bulk(es, actions, refresh=True)
 
 

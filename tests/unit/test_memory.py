@@ -50,3 +50,20 @@ def test_merge_keeps_priors_and_adds_new_pairs():
     # Idempotent: merging the same evidence into the result gives the same result.
     again = {e["query_key"]: e for e in merge_entries(list(merged.values()), ev)}
     assert again == merged
+
+
+def test_interactions_join_feedback_with_impressions():
+    from orchestrator.memory import interactions_from_events
+
+    events = [
+        {"type": "impression", "request_id": "r1", "query": "Sad  Songs!",
+         "shown": [{"id": "track:x", "rank": 1}, {"id": "track:a", "rank": 2}]},
+        {"type": "feedback", "request_id": "r1", "item_id": "track:a", "action": "play",
+         "ts": "2026-11-25T10:00:00+00:00"},
+        {"type": "feedback", "request_id": "unknown", "item_id": "track:b", "action": "click"},
+        {"type": "feedback", "request_id": "r1", "item_id": "track:x", "action": "click",
+         "rank": 1, "query": "explicit query"},
+    ]
+    got = interactions_from_events(events)
+    assert got[0] == Interaction("sad songs", "track:a", "play", 2, 1795600800.0)
+    assert [(i.query_key, i.rank) for i in got[1:]] == [("explicit query", 1)]
