@@ -317,14 +317,18 @@ class RedisBanditStore:
             raise self._unavailable(exc) from exc
         return int(v or 0)
 
-    def load_linear(self, components: Sequence[str]) -> dict[str, LinearStats]:
+    def _hgetall_many(self, keys: Sequence[str]) -> list[dict[Any, Any]]:
+        """``HGETALL`` of each key in one round trip (no transaction needed: reads only)."""
         try:
             pipe = self.client.pipeline(transaction=False)
-            for c in components:
-                pipe.hgetall(self.key("bandit", "lin", c))
-            raw = pipe.execute()
+            for k in keys:
+                pipe.hgetall(k)
+            return list(pipe.execute())
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc) from exc
+
+    def load_linear(self, components: Sequence[str]) -> dict[str, LinearStats]:
+        raw = self._hgetall_many([self.key("bandit", "lin", c) for c in components])
         out: dict[str, LinearStats] = {}
         for c, h in zip(components, raw):
             st = LinearStats.empty(self.dim)
@@ -346,13 +350,7 @@ class RedisBanditStore:
         return out
 
     def load_beta(self, template_ids: Sequence[str]) -> dict[str, BetaStats]:
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for t in template_ids:
-                pipe.hgetall(self.key("bandit", "beta", t))
-            raw = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise self._unavailable(exc) from exc
+        raw = self._hgetall_many([self.key("bandit", "beta", t) for t in template_ids])
         out: dict[str, BetaStats] = {}
         for t, h in zip(template_ids, raw):
             bs = BetaStats()

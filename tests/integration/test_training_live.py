@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
+from test_pipeline import GENRES, two_arm_registry  # the same two-arm setup
 
 from orchestrator.bandit_state import RedisBanditStore, export_state
 from orchestrator.domain import ParsedQuery, Slot
 from orchestrator.event_log import EventMover
 from orchestrator.pipeline import Orchestrator
-from orchestrator.settings import PROJECT_ROOT
-from orchestrator.templates import TemplateRegistry
 from orchestrator.training import (
     load_events,
     merge_events,
@@ -30,9 +28,6 @@ from orchestrator.training import (
 
 pytestmark = [pytest.mark.elasticsearch, pytest.mark.redis]
 
-TEST_TEMPLATES = Path(__file__).resolve().parent.parent / "data" / "templates"
-GENRES = ["jazz", "blues", "soul", "country", "metal", "rock", "classical", "indie", "latin",
-          "dance", "edm", "rap", "pop", "hip-hop", "r&b"]
 WORDS = ["love", "night", "summer", "heart", "dream", "fire", "rain", "home", "blue", "baby"]
 RELOAD_S = 0.3
 
@@ -47,12 +42,6 @@ class GenreUnderstander:
                                intent_probs={"browse": 1.0}, language="en")
         return ParsedQuery(text, text.lower(), (), intent="known_item",
                            intent_probs={"known_item": 1.0}, language="en")
-
-
-def two_arm_registry() -> TemplateRegistry:
-    real = TemplateRegistry.from_dir(PROJECT_ROOT / "query_templates").by_id
-    test = TemplateRegistry.from_dir(TEST_TEMPLATES).by_id
-    return TemplateRegistry({"lexical.v1": real["lexical.v1"], **test})
 
 
 @pytest.fixture()
