@@ -18,6 +18,9 @@ app = typer.Typer(help="Learning-to-rank-and-retrieve orchestrator for Elasticse
                   no_args_is_help=True, pretty_exceptions_enable=False)
 templates_app = typer.Typer(help="Arm templates in query_templates/.", no_args_is_help=True)
 app.add_typer(templates_app, name="templates")
+evaluate_app = typer.Typer(help="Offline evaluation: off-policy estimates, BEIR benchmarks.",
+                            no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
 
 
 def _settings() -> OrchestratorSettings:
