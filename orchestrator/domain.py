@@ -184,6 +184,11 @@ class SearchResponse:
     context: RequestContext = RequestContext()
     rescorer: str = "default"
     timings_ms: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+    #: ``{template_id: {"took_ms": ES took, "candidates": hits returned}}`` of the arms that ran.
+    arm_stats: dict[str, dict[str, float]] = field(default_factory=dict, hash=False, compare=False)
+    #: Signed request token (see :mod:`orchestrator.security`); the HTTP API requires it back
+    #: with feedback. None when the orchestrator has no signer.
+    token: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,3 +203,5 @@ class FeedbackResult:
     position: int
     weight: float
     rewards: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+    #: The client reached its influence cap: acknowledged and logged, not applied.
+    capped: bool = False

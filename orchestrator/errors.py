@@ -11,7 +11,16 @@
      │    └── TemplateParamsError       (also a ValueError: bad or oversized parameters)
      ├── QueryValidationError           (also a ValueError: empty / oversized / malformed query)
      ├── ArmExecutionError              (one arm failed inside an _msearch)
-     └── IngestError
+     ├── IngestError
+     └── SecurityError                  (HTTP status in brackets; see orchestrator.security)
+          ├── AuthenticationError       [401] missing or unknown API key
+          ├── InvalidTokenError         [403] request token refused
+          │    ├── MissingTokenError    feedback without the search's token
+          │    ├── ForgedTokenError     malformed, or the signature does not verify
+          │    ├── ExpiredTokenError    past its expiry
+          │    └── TokenMismatchError   issued for another request or another client
+          ├── ReplayedFeedbackError     [409] this (request, item, action) was already counted
+          └── RateLimitedError          [429] too many requests from one client (retry_after_s)
 
 Every error that carries data pickles (``__reduce__``) because Celery moves them between
 processes.
@@ -111,3 +120,58 @@ class NotFittedError(ValueError, AttributeError, OrchestratorError):
 class StateVersionError(ConfigurationError):
     """Persisted state (bandit snapshot, rescorer model) has a schema version this code does
     not read."""
+
+
+class SecurityError(OrchestratorError):
+    """Base of the refusals of :mod:`orchestrator.security` (each maps to one HTTP status)."""
+
+
+class AuthenticationError(SecurityError):
+    """No API key, or one that is not configured (HTTP 401)."""
+
+
+class InvalidTokenError(SecurityError):
+    """A request token was refused (HTTP 403)."""
+
+
+class MissingTokenError(InvalidTokenError):
+    pass
+
+
+class ForgedTokenError(InvalidTokenError):
+    pass
+
+
+class ExpiredTokenError(InvalidTokenError):
+    pass
+
+
+class TokenMismatchError(InvalidTokenError):
+    pass
+
+
+class ReplayedFeedbackError(SecurityError):
+    """The same (request, item, action) was already counted (HTTP 409): a replay changes
+    nothing, and says so instead of pretending to succeed."""
+
+    def __init__(self, request_id: str, item_id: str, action: str) -> None:
+        self.request_id, self.item_id, self.action = request_id, item_id, action
+        super().__init__(f"feedback {action!r} on {item_id!r} for request {request_id!r} was "
+                         "already counted; a replay is not counted again")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.request_id, self.item_id, self.action))
+
+
+class RateLimitedError(SecurityError):
+    """More than ``limit`` requests to ``bucket`` in ``window_s`` seconds (HTTP 429 with
+    ``Retry-After: retry_after_s``)."""
+
+    def __init__(self, bucket: str, limit: int, window_s: int, retry_after_s: int) -> None:
+        self.bucket, self.limit, self.window_s = bucket, limit, window_s
+        self.retry_after_s = retry_after_s
+        super().__init__(f"rate limit of {limit} {bucket} requests per {window_s}s exceeded; "
+                         f"retry after {retry_after_s}s")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.bucket, self.limit, self.window_s, self.retry_after_s))

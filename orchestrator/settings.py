@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -128,6 +128,42 @@ class MemorySettings(BaseModel):
     prior_strength: float = Field(2.0, gt=0)
 
 
+class SecuritySettings(BaseModel):
+    """Abuse resistance of the HTTP API (see :mod:`orchestrator.security`)."""
+
+    #: HMAC key of request tokens. Unset: one random secret is generated and shared by every
+    #: replica through Redis (``<prefix>token_secret``, SET NX), cached in memory after first read.
+    token_secret: SecretStr | None = None
+    #: How long a search's token can be used for feedback (capped by the impression TTL in effect).
+    token_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    #: HTTP ``/feedback`` refuses bodies without the ``token`` of the search (403).
+    require_token: bool = True
+    #: ``{sha256 hex of an API key: client name}``; header ``X-API-Key``. Empty: the API is open
+    #: and the client id is the remote address. Hash a key with
+    #: ``python -m orchestrator.security hash-key KEY`` (the key itself is never stored).
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    #: Without API keys, take the client address from this header (first hop) instead of the
+    #: socket peer, e.g. ``X-Forwarded-For`` behind a trusted reverse proxy. Never set it when
+    #: clients reach the API directly: they could then pick their own client id.
+    client_ip_header: str | None = None
+    #: Requests per client per ``rate_window_s`` (0: unlimited). 429 with Retry-After beyond.
+    feedback_rate_limit: int = Field(600, ge=0)
+    search_rate_limit: int = Field(0, ge=0)
+    rate_window_s: int = Field(60, ge=1)
+    #: Cumulative observation weight one client may add to one arm per ``influence_window_s``
+    #: (0: no cap). Beyond it feedback is acknowledged with ``capped: true`` and not applied.
+    influence_cap: float = Field(200.0, ge=0)
+    influence_window_s: int = Field(3600, ge=1)
+
+
+class LogSettings(BaseModel):
+    """Logging of the entry points (``ltrr serve``, the Celery worker); see :mod:`orchestrator.log`."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: JSON lines (timestamp, level, logger, message, request_id, extras); False: plain text.
+    json_lines: bool = True
+
+
 class CelerySettings(BaseModel):
     #: Broker and result backend; default to the Redis of ``redis.url`` (db 1 and 2).
     broker_url: str | None = None
@@ -159,6 +195,8 @@ class OrchestratorSettings(BaseSettings):
     rescorer: RescorerSettings = RescorerSettings()
     memory: MemorySettings = MemorySettings()
     qu: QuSettings = QuSettings()
+    security: SecuritySettings = SecuritySettings()
+    log: LogSettings = LogSettings()
 
     def celery_urls(self) -> tuple[str, str]:
         """Broker and result-backend URLs (Redis db 1 and 2 of ``redis.url`` by default)."""
