@@ -49,6 +49,7 @@ from .errors import (
 )
 from .execution import MultiSearch
 from .feedback import FeedbackLog
+from .log import set_request_id
 from .merging import Merger, UnionMerger
 from .rescoring import (
     FeatureExtractor,
@@ -59,6 +60,7 @@ from .rescoring import (
     load_version,
 )
 from .rewards import ArmReward, RewardModel
+from .security import InfluenceCap, RequestSigner
 from .selection import (
     ArmSelector,
     ArmSpec,
@@ -298,7 +300,8 @@ class Orchestrator:
                  encoder_factory: Callable[[], Any] | None = None, total_budget: int = 60,
                  max_results: int = 200, max_query_chars: int = 256, es_url: str = "",
                  redis_url: str = "", rescorer_dir: Path | None = None,
-                 rescorer_reload_s: float = 30.0) -> None:
+                 rescorer_reload_s: float = 30.0, signer: RequestSigner | None = None,
+                 influence: InfluenceCap | None = None) -> None:
         self.es = es
         self.redis = redis
         self.registry = registry
@@ -311,6 +314,11 @@ class Orchestrator:
         self.rescorer = rescorer or LinearRescorer.default()
         self.rescorer_dir = Path(rescorer_dir) if rescorer_dir is not None else None
         self.rescorer_reload_s = rescorer_reload_s
+        # Request tokens (see orchestrator.security); the default signer shares its secret
+        # with every replica through Redis.
+        self.signer = signer if signer is not None else RequestSigner(
+            redis, prefix=store.prefix, url=redis_url)
+        self.influence = influence
         self._rescorer_checked = time.monotonic()
         self.merger = merger or UnionMerger()
         self.understander = understander
@@ -411,6 +419,10 @@ class Orchestrator:
             max_results=settings.limits.max_results, max_query_chars=settings.limits.max_query_chars,
             es_url=settings.es.url, redis_url=settings.redis.url,
             rescorer_dir=rescorer_dir, rescorer_reload_s=r["reload_interval_s"],
+            signer=RequestSigner.from_settings(getattr(settings, "security", None), redis,
+                                               prefix=settings.redis.key_prefix, url=settings.redis.url),
+            influence=InfluenceCap.from_settings(getattr(settings, "security", None), redis,
+                                                 prefix=settings.redis.key_prefix, url=settings.redis.url),
         )
 
     # -- rescorer hot reload -----------------------------------------------------------------
@@ -463,8 +475,11 @@ class Orchestrator:
         return [float(v) for v in self._encoder.encode([query])[0]]
 
     def search(self, query: str, *, context: RequestContext | Mapping[str, Any] | None = None,
-               size: int = 10, total_budget: int | None = None) -> SearchResponse:
-        """Run the whole pipeline for ``query``.
+               size: int = 10, total_budget: int | None = None,
+               client_id: str | None = None) -> SearchResponse:
+        """Run the whole pipeline for ``query``. The response carries a signed ``token``
+        bound to its request id and ``client_id`` (None: an in-process caller), which the
+        HTTP API requires back with feedback (see :mod:`orchestrator.security`).
 
         Raises
         ------
@@ -480,6 +495,7 @@ class Orchestrator:
         budget = max(total_budget or self.total_budget, size)
         ctx = _coerce_context(context)
         rid = str(uuid.uuid4())
+        set_request_id(rid)  # every log record of this search carries it
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
@@ -521,8 +537,12 @@ class Orchestrator:
         executed = [r.template_id for r in results if isinstance(r, ArmResult)]
         timings_ms = {k: round(v * 1000, 3) for k, v in timings.items()}
         timings_ms["es_took_max"] = float(max((r.took_ms for r in results if isinstance(r, ArmResult)), default=0))
+        arm_stats = {r.template_id: {"took_ms": float(r.took_ms), "candidates": float(len(r.hits))}
+                     for r in results if isinstance(r, ArmResult)}
+        token = self.signer.issue(rid, client_id=client_id) if self.signer is not None else None
         resp = SearchResponse(rid, q, items, decision, failures, parsed_summary(parsed), ctx,
-                              _rescorer_label(rescorer), timings_ms)
+                              _rescorer_label(rescorer), timings_ms, arm_stats=arm_stats,
+                              token=token)
 
         t = time.perf_counter()
         impression = self._record(resp, sel_ctx, executed)
@@ -576,11 +596,19 @@ class Orchestrator:
                                  self.log.impression_ttl_s), event=event)
 
     # -- feedback ------------------------------------------------------------------------------
-    def feedback(self, request_id: str, item_id: str, action: str) -> FeedbackResult:
+    def feedback(self, request_id: str, item_id: str, action: str, *, token: str | None = None,
+                 client_id: str | None = None) -> FeedbackResult:
         """Count one user action on a shown item; idempotent per (request, item, action).
+
+        In-process callers are trusted: ``token`` (the search response's) is verified when
+        given, and the per-client influence cap applies only when ``client_id`` is given. The
+        HTTP API always passes both (see :mod:`orchestrator.security`). A capped client's
+        feedback is acknowledged with ``capped=True`` and not applied.
 
         Raises
         ------
+        InvalidTokenError
+            ``token`` is forged, expired, or for another request or client.
         UnknownRequestError
             The request id was never served or its impression expired.
         InvalidFeedbackError
@@ -588,6 +616,9 @@ class Orchestrator:
         ServiceUnavailableError
             Redis is down.
         """
+        set_request_id(request_id)
+        if token is not None and self.signer is not None:
+            self.signer.verify(token, request_id=request_id, client_id=client_id)
         self.reward_model.check_action(action)
         imp = self.log.get_impression(request_id)
         item, rewards = impression_rewards(imp, item_id=item_id, action=action,
@@ -602,12 +633,27 @@ class Orchestrator:
                  "rewards": reward_map,
                  "rewarded_arms": [t for t, v in reward_map.items() if v > 0],
                  "query": imp.get("query"), "intent": imp.get("intent"), "ts": _now_iso()}
+        reservation = None
+        if self.influence is not None and client_id is not None:
+            arm_weights: dict[str, float] = {}
+            for rw in rewards:
+                arm_weights[rw.template_id] = arm_weights.get(rw.template_id, 0.0) + rw.weight
+            reservation = self.influence.reserve(client_id, arm_weights)
+            if reservation is None:
+                counted = (item_id, action) in self.log.counted(request_id)
+                logger.warning("feedback capped: client over its influence cap",
+                               extra={"capped": True, "client": client_id, "item_id": item_id,
+                                      "action": action, "arms": sorted(arm_weights)})
+                return FeedbackResult(request_id, item_id, action, counted, rank, weight,
+                                      reward_map, capped=not counted)
         applied = self.store.apply(
             updates,
             dedupe=(self.log.dedupe_key(request_id), self.log.dedupe_member(item_id, action),
                     self.log.impression_ttl_s),
             event=event,
         )
+        if not applied and reservation is not None:
+            self.influence.release(reservation)  # type: ignore[union-attr]
         return FeedbackResult(request_id, item_id, action, not applied, rank,
                               weight, reward_map)
 
