@@ -7,9 +7,30 @@ Run a worker with ``ltrr worker`` and the scheduler with ``ltrr beat`` (thin wra
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import setup_logging, task_prerun
 
 from .settings import OrchestratorSettings
+
+
+@setup_logging.connect
+def _configure_worker_logging(loglevel: Any = None, **_: Any) -> None:
+    """Workers (and beat) log JSON lines like the API (``settings.log``); connecting this
+    signal also stops Celery from installing its own handlers."""
+    from .log import configure_logging
+
+    s = OrchestratorSettings()
+    configure_logging(loglevel or s.log.level, json_lines=s.log.json_lines)
+
+
+@task_prerun.connect
+def _bind_task_id(task_id: str | None = None, **_: Any) -> None:
+    """Records logged by a task carry its task id as ``request_id``."""
+    from .log import set_request_id
+
+    set_request_id(task_id)
 
 
 def make_app(settings: OrchestratorSettings | None = None) -> Celery:

@@ -80,8 +80,8 @@ _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 def configure_logging(level: str | int = "INFO", *, json_lines: bool = True,
                       stream: Any = None) -> logging.Handler:
     """Route the root logger to one handler on ``stream`` (default stderr): JSON lines, or
-    plain text with the request id. Idempotent: a previous handler installed here is
-    replaced. Call it from entry points only.
+    plain text with the request id. Replaces every handler of the root logger (so calling
+    it twice, or after ``basicConfig``, leaves exactly one). Call it from entry points only.
 
     Returns
     -------
@@ -89,11 +89,9 @@ def configure_logging(level: str | int = "INFO", *, json_lines: bool = True,
         The installed handler.
     """
     root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_ltrr", False):
-            root.removeHandler(h)
+    for h in list(root.handlers):  # the entry point owns the root logger: one handler
+        root.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler._ltrr = True  # type: ignore[attr-defined]
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(_TEXT_FORMAT))
     root.addHandler(handler)

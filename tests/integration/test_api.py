@@ -44,11 +44,19 @@ def test_search_feedback_explain_arms_metrics(client):
     exp = body["explanation"]
     assert exp["chosen"] and set(exp["propensities"]) == {"lexical.v1", "genre_popular.v1"}
     item = body["results"][0]["id"]
+    token = body["token"]
+    assert token.startswith("v1.") and r.headers["x-request-id"] == rid
 
-    f = client.post("/feedback", json={"request_id": rid, "item_id": item, "action": "favorite"})
-    assert f.status_code == 200 and f.json()["duplicate"] is False
-    f2 = client.post("/feedback", json={"request_id": rid, "item_id": item, "action": "favorite"})
-    assert f2.status_code == 200 and f2.json()["duplicate"] is True
+    fb = {"request_id": rid, "item_id": item, "action": "favorite", "token": token}
+    f = client.post("/feedback", json=fb)
+    assert f.status_code == 200 and f.json()["duplicate"] is False and f.json()["capped"] is False
+    # A replay is refused (409) and says it was a duplicate.
+    f2 = client.post("/feedback", json=fb)
+    assert f2.status_code == 409 and f2.json()["duplicate"] is True
+    assert f2.json()["error"] == "ReplayedFeedbackError"
+    # Without the token, feedback is refused (security.require_token defaults to True).
+    f3 = client.post("/feedback", json={k: v for k, v in fb.items() if k != "token"})
+    assert f3.status_code == 403 and f3.json()["error"] == "MissingTokenError"
 
     e = client.get(f"/explain/{rid}")
     assert e.status_code == 200 and e.json()["feedback"] == [{"item_id": item, "action": "favorite"}]
@@ -73,16 +81,20 @@ def test_bad_search_bodies_are_422(client, body):
     assert client.post("/search", json=body).status_code == 422
 
 
-def test_error_mapping(client):
+def test_error_mapping(client, orch):
     r = client.post("/search", json={"query": "   "})
     assert r.status_code == 400 and r.json()["error"] == "QueryValidationError"
-    r = client.post("/feedback", json={"request_id": "nope", "item_id": "x", "action": "click"})
+    # A genuine token for a request whose impression is gone (expired): 404.
+    gone = orch.signer.issue("nope", client_id="testclient")
+    r = client.post("/feedback", json={"request_id": "nope", "item_id": "x", "action": "click",
+                                       "token": gone})
     assert r.status_code == 404 and "Unknown request id" in r.json()["detail"]
     assert client.get("/explain/nope").status_code == 404
     r = client.post("/feedback", json={"request_id": "nope", "item_id": "x", "action": "buy"})
-    assert r.status_code == 422
-    rid = client.post("/search", json={"query": "jazz", "context": CTX}).json()["request_id"]
-    r = client.post("/feedback", json={"request_id": rid, "item_id": "track:none", "action": "click"})
+    assert r.status_code == 422 and r.json()["error"] == "RequestValidationError"
+    body = client.post("/search", json={"query": "jazz", "context": CTX}).json()
+    r = client.post("/feedback", json={"request_id": body["request_id"], "item_id": "track:none",
+                                       "action": "click", "token": body["token"]})
     assert r.status_code == 400 and "was not shown" in r.json()["detail"]
 
 
@@ -90,6 +102,7 @@ def test_redis_down_is_503(orch):
     import redis
 
     client = TestClient(create_app(orch))
+    token = orch.signer.issue("x", client_id="testclient")  # the secret is cached from now on
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
@@ -99,7 +112,8 @@ def test_redis_down_is_503(orch):
     orch.store._script = dead.register_script("return 1")
     r = client.post("/search", json={"query": "jazz"})
     assert r.status_code == 503 and "Redis is not reachable" in r.json()["detail"]
-    r = client.post("/feedback", json={"request_id": "x", "item_id": "y", "action": "click"})
+    r = client.post("/feedback", json={"request_id": "x", "item_id": "y", "action": "click",
+                                       "token": token})
     assert r.status_code == 503 and "\n" not in r.json()["detail"]
     assert client.get("/healthz").status_code == 503
 
@@ -153,8 +167,9 @@ def test_two_processes_share_posteriors(redis_prefix, catalog_slice):
             if res["results"]:  # the bandit may pick only arms that find nothing: try again
                 break
         item = res["results"][0]
-        fb = httpx.post(a + "/feedback", json={"request_id": res["request_id"], "item_id": item["id"],
-                                               "action": "play"}, timeout=30)
+        fb_body = {"request_id": res["request_id"], "item_id": item["id"], "action": "play",
+                   "token": res["token"]}
+        fb = httpx.post(a + "/feedback", json=fb_body, timeout=30)
         assert fb.status_code == 200
         # Process b sees a's impression and a's posterior update.
         assert httpx.get(f"{b}/explain/{res['request_id']}", timeout=30).status_code == 200
@@ -165,10 +180,9 @@ def test_two_processes_share_posteriors(redis_prefix, catalog_slice):
         for tid in executed:
             assert after[tid]["observations"] >= before[tid]["observations"] + 1
             assert after[tid]["impressions"] >= before[tid]["impressions"] + 1
-        # And a duplicate sent to b is recognised as such.
-        dup = httpx.post(b + "/feedback", json={"request_id": res["request_id"], "item_id": item["id"],
-                                                "action": "play"}, timeout=30)
-        assert dup.json()["duplicate"] is True
+        # b verifies a's token (one secret shared through Redis) and refuses the replay.
+        dup = httpx.post(b + "/feedback", json=fb_body, timeout=30)
+        assert dup.status_code == 409 and dup.json()["duplicate"] is True
     finally:
         for p in procs:
             p.terminate()
