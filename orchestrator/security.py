@@ -196,14 +196,14 @@ class RequestSigner:
         if len(parts) != 5 or parts[0] != TOKEN_VERSION or not parts[3].isdigit():
             raise ForgedTokenError("request token is malformed")
         body, sig = token.rsplit(".", 1)
-        try:
-            given = _unb64(sig)
-            token_rid = _unb64(parts[1]).decode("utf-8")
-        except (binascii.Error, ValueError) as exc:
-            raise ForgedTokenError("request token is malformed") from exc
-        # Constant-time: the comparison must not tell a forger how many bytes were right.
-        if not hmac.compare_digest(given, self._mac(body)):
+        # Constant-time, and on the canonical encoding: base64 has spare bits, so comparing
+        # decoded bytes would accept several spellings of one signature.
+        if not hmac.compare_digest(sig, _b64(self._mac(body))):
             raise ForgedTokenError("request token signature does not verify")
+        try:
+            token_rid = _unb64(parts[1]).decode("utf-8")
+        except (binascii.Error, ValueError) as exc:  # signed by us, so never in practice
+            raise ForgedTokenError("request token is malformed") from exc
         if not hmac.compare_digest(token_rid.encode("utf-8"),
                                    request_id.encode("utf-8", "surrogatepass")):
             raise TokenMismatchError("request token was issued for another request")
