@@ -76,6 +76,23 @@ class BetaUpdate:
 StatUpdate = LinearUpdate | BetaUpdate
 
 
+def update_to_dict(update: StatUpdate) -> dict[str, Any]:
+    """JSON-able form of one update (the feedback spool of :mod:`orchestrator.resilience`)."""
+    if isinstance(update, LinearUpdate):
+        return {"t": "lin", "c": update.component, "i": list(update.indices),
+                "v": list(update.values), "r": update.reward, "w": update.weight}
+    return {"t": "beta", "c": update.template_id, "f": update.bucket, "r": update.reward,
+            "w": update.weight}
+
+
+def update_from_dict(data: dict[str, Any]) -> StatUpdate:
+    """Inverse of :func:`update_to_dict`."""
+    if data["t"] == "lin":
+        return LinearUpdate(data["c"], tuple(int(i) for i in data["i"]),
+                            tuple(float(v) for v in data["v"]), float(data["r"]), float(data["w"]))
+    return BetaUpdate(data["c"], data["f"], float(data["r"]), float(data["w"]))
+
+
 @dataclass(slots=True)
 class LinearStats:
     """Sufficient statistics of one component (dense; ``dim`` x ``dim``)."""

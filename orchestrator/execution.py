@@ -4,6 +4,15 @@ Consumes :class:`ArmRequest` s, produces one :class:`ArmResult` or :class:`ArmFa
 request, in order. Local mode renders templates here (JSON-safe) and sends ``_msearch``;
 stored mode sends ``_msearch/template`` with template ids (clusters with ``lang-mustache``).
 A failing arm is an :class:`ArmFailure`, never a failed search; only a dead cluster raises.
+
+What counts as a failed arm (dropped from merging, and from rewards: only arms that ran are
+rewarded or blamed, see :func:`orchestrator.pipeline.executed_arms`): an error response of
+its ``_msearch`` item, ``timed_out: true`` (status 504; its hits are whatever a partial search
+found, and learning from a truncated list would blame the arm for its time-out rather than its
+ranking), and any shard failure (status of the failure, a partial view of the catalog for the
+same reason). A dead or hung node raises :class:`ServiceUnavailableError` after at most
+``request_timeout_s`` x (``max_retries`` + 1); with a :class:`~orchestrator.resilience.CircuitBreaker`
+repeated failures make later searches fail at once until the node answers a probe.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from elasticsearch import ApiError, Elasticsearch, TransportError
 
 from .domain import ArmFailure, ArmRequest, ArmResult, Hit
 from .errors import ServiceUnavailableError, TemplateError
+from .resilience import CircuitBreaker
 from .templates import TemplateRegistry
 
 logger = logging.getLogger(__name__)
@@ -28,6 +38,20 @@ def _root_cause(error: Any) -> str:
             return f"{causes[0].get('type')}: {causes[0].get('reason')}"
         return f"{error.get('type')}: {error.get('reason')}"
     return str(error)
+
+
+def _partial_failure(r: dict[str, Any]) -> tuple[int, str] | None:
+    """``(status, reason)`` when an answered item timed out or lost shards, else None."""
+    if r.get("timed_out"):
+        return 504, f"timed out (arm timeout); {len(r.get('hits', {}).get('hits', []))} partial hit(s) dropped"
+    shards = r.get("_shards") or {}
+    if shards.get("failed"):
+        failures = shards.get("failures") or [{}]
+        f = failures[0]
+        return (int(f.get("status") or 500),
+                f"{shards['failed']}/{shards.get('total', '?')} shard(s) failed: "
+                f"{_root_cause(f.get('reason', {}))}")
+    return None
 
 
 class MultiSearch:
@@ -44,13 +68,19 @@ class MultiSearch:
     mode:
         ``local`` renders here and sends ``_msearch``; ``stored`` uses ``_msearch/template``.
     arm_timeout:
-        Per-arm search timeout (Elasticsearch ``timeout`` in each body: partial results
-        rather than a slow arm holding the whole request).
+        Per-arm search timeout (Elasticsearch ``timeout`` in each body: a slow arm times out
+        and is dropped rather than holding the whole request).
+    request_timeout_s, max_retries:
+        Client-side bound of the whole ``_msearch`` per attempt, and extra attempts after a
+        connection error or time-out (None: the client's own setting).
+    breaker:
+        Fail fast while the node is known to be down (None: always try).
     """
 
     def __init__(self, client: Elasticsearch, *, index: str, registry: TemplateRegistry,
                  mode: Literal["local", "stored"] = "local", arm_timeout: str = "500ms",
-                 request_timeout_s: float = 10.0, max_param_bytes: int | None = None) -> None:
+                 request_timeout_s: float = 10.0, max_param_bytes: int | None = None,
+                 max_retries: int | None = None, breaker: CircuitBreaker | None = None) -> None:
         self.client = client
         self.index = index
         self.registry = registry
@@ -58,6 +88,14 @@ class MultiSearch:
         self.arm_timeout = arm_timeout
         self.request_timeout_s = request_timeout_s
         self.max_param_bytes = max_param_bytes
+        self.max_retries = max_retries
+        self.breaker = breaker
+
+    def _url(self) -> str:
+        try:
+            return str(self.client.transport.node_pool.get().base_url)
+        except Exception:  # noqa: BLE001 - only for the message
+            return "the configured URL"
 
     def render(self, request: ArmRequest) -> dict[str, Any]:
         body = self.registry.get(request.template_id).render(request.params, max_bytes=self.max_param_bytes)
@@ -82,13 +120,24 @@ class MultiSearch:
                     raise
                 out[i] = ArmFailure(req.arm, req.template_id, None, f"template: {exc}")
         if sent:
-            es = self.client.options(opaque_id=opaque_id, request_timeout=self.request_timeout_s)
+            breaker = self.breaker
+            if breaker is not None and not breaker.allow():
+                raise ServiceUnavailableError(
+                    "Elasticsearch", self._url(),
+                    f"scripts/services up (circuit open after repeated failures; next probe in "
+                    f"{breaker.retry_in_s():.1f} s)")
+            opts: dict[str, Any] = {"opaque_id": opaque_id, "request_timeout": self.request_timeout_s}
+            if self.max_retries is not None:
+                opts["max_retries"] = self.max_retries
+            es = self.client.options(**opts)
             try:
                 if self.mode == "local":
                     resp = es.msearch(searches=lines)
                 else:
                     resp = es.msearch_template(search_templates=lines)
             except ApiError as exc:
+                if breaker is not None:
+                    breaker.record_success()  # the node answered
                 if raise_on_error:
                     raise
                 if exc.meta.status == 400 and len(sent) > 1:
@@ -106,13 +155,22 @@ class MultiSearch:
                                         exc.meta.status, _root_cause(body))
                 return out  # type: ignore[return-value]
             except (TransportError, ConnectionError) as exc:
-                raise ServiceUnavailableError("Elasticsearch", str(self.client.transport.node_pool.get().base_url)) from exc
+                if breaker is not None:
+                    breaker.record_failure()
+                raise ServiceUnavailableError("Elasticsearch", self._url()) from exc
+            if breaker is not None:
+                breaker.record_success()
             for i, r in zip(sent, resp["responses"]):
                 req = requests[i]
                 if "error" in r:
                     reason = _root_cause(r["error"])
                     logger.warning("arm %s failed: %s", req.arm, reason)
                     out[i] = ArmFailure(req.arm, req.template_id, r.get("status"), reason)
+                    continue
+                partial = _partial_failure(r)
+                if partial is not None:
+                    logger.warning("arm %s dropped: %s", req.arm, partial[1])
+                    out[i] = ArmFailure(req.arm, req.template_id, partial[0], partial[1])
                     continue
                 hits = tuple(
                     Hit(h["_id"], float(h.get("_score") or 0.0), rank, h.get("_source", {}))

@@ -29,6 +29,19 @@ logger = logging.getLogger(__name__)
 
 _SEP = "\x1f"
 
+# Idempotent impression write, for replaying the spool (:mod:`orchestrator.resilience`): the
+# impression key is set only if absent, and the stream entry and per-arm counters are added
+# only when it was. KEYS: 1 impression, 2 events stream, 3 arms:impressions hash.
+# ARGV: 1 impression JSON, 2 ttl s, 3 event JSON, 4 stream maxlen, 5.. executed template ids.
+_REPLAY_IMPRESSION_LUA = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'impression', 'data', ARGV[3])
+for n = 5, #ARGV do
+  redis.call('HINCRBY', KEYS[3], ARGV[n], 1)
+end
+return 1
+"""
+
 
 class FeedbackLog:
     """Redis-backed impression store and event log.
@@ -52,6 +65,7 @@ class FeedbackLog:
         self.prefix = store.prefix
         self.impression_ttl_s = impression_ttl_s
         self.stream_maxlen = stream_maxlen
+        self._replay_script = client.register_script(_REPLAY_IMPRESSION_LUA)
 
     def _unavailable(self) -> ServiceUnavailableError:
         return ServiceUnavailableError("Redis", self.store.url)
@@ -79,6 +93,20 @@ class FeedbackLog:
                       maxlen=self.stream_maxlen, approximate=True)
             self.store.incr_impressions(executed, pipe)
             pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self._unavailable() from exc
+
+    def replay_impression(self, impression: dict[str, Any], *, event: dict[str, Any],
+                          executed: Iterable[str]) -> bool:
+        """Like :meth:`record_impression` but idempotent (one Lua script): nothing happens when
+        the impression is already stored, so a spool replayed twice counts it once. Returns
+        True when it was written now."""
+        keys = [self.impression_key(impression["request_id"]), self.store.events_key,
+                self.store.key("arms", "impressions")]
+        args = [json.dumps(impression, separators=(",", ":")), self.impression_ttl_s,
+                json.dumps(event, separators=(",", ":")), self.stream_maxlen, *executed]
+        try:
+            return bool(self._replay_script(keys=keys, args=args))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable() from exc
 

@@ -29,7 +29,7 @@ import redis as redis_lib
 from elasticsearch import Elasticsearch
 
 from .arms import applicable, build_requests, validate_query
-from .bandit_state import RedisBanditStore
+from .bandit_state import RedisBanditStore, StatUpdate, update_to_dict
 from .domain import (
     ArmFailure,
     ArmRequest,
@@ -46,6 +46,7 @@ from .errors import (
     OrchestratorError,
     QueryValidationError,
     ServiceUnavailableError,
+    UnknownRequestError,
 )
 from .execution import MultiSearch
 from .feedback import FeedbackLog
@@ -58,6 +59,15 @@ from .rescoring import (
     current_version,
     load_latest,
     load_version,
+)
+from .resilience import (
+    CircuitBreaker,
+    DurableRedisWriter,
+    FallbackCache,
+    RecentImpressions,
+    Spool,
+    redis_appliers,
+    spool_key,
 )
 from .rewards import ArmReward, RewardModel
 from .security import InfluenceCap, RequestSigner
@@ -89,6 +99,14 @@ FEEDBACK_DEFAULTS: dict[str, Any] = {
 #: ``reload_interval_s``: how often (at most) a running orchestrator checks ``model_dir`` for a
 #: newly promoted model (one small file read; see :func:`orchestrator.rescoring.current_version`).
 RESCORER_DEFAULTS: dict[str, Any] = {"model_dir": None, "reload_interval_s": 30.0}
+#: ``settings.resilience`` (see :class:`orchestrator.settings.ResilienceSettings` and
+#: :mod:`orchestrator.resilience`).
+RESILIENCE_DEFAULTS: dict[str, Any] = {
+    "es_search_timeout_s": 5.0, "es_search_retries": 1, "arm_timeout": "500ms",
+    "es_failure_threshold": 3, "es_reset_timeout_s": 5.0, "fallback_cache_size": 0,
+    "fallback_max_age_s": 600.0, "spool_dir": None, "redis_retry_s": 1.0,
+    "impression_cache_size": 5000,
+}
 #: Pseudo-action of the event logged when a response had no results (see ``rewards``).
 EMPTY_ACTION = "empty"
 
@@ -290,6 +308,13 @@ class Orchestrator:
         seconds a search checks its ``current`` pointer and switches to a newly promoted
         version (no restart). ``from_settings`` sets it when the rescorer came from
         ``rescorer.model_dir``; an injected rescorer is never replaced.
+    writer:
+        Routes Redis writes (impressions, feedback) to Redis, or to a durable local spool
+        while Redis is unreachable, replayed later (None: straight to Redis, errors raise).
+    fallback:
+        Last good responses, served marked degraded while Elasticsearch is unavailable.
+    recent:
+        Impressions served recently, so feedback can be joined while Redis is unreachable.
     """
 
     def __init__(self, *, es: Elasticsearch, redis: redis_lib.Redis, registry: TemplateRegistry,
@@ -301,7 +326,9 @@ class Orchestrator:
                  max_results: int = 200, max_query_chars: int = 256, es_url: str = "",
                  redis_url: str = "", rescorer_dir: Path | None = None,
                  rescorer_reload_s: float = 30.0, signer: RequestSigner | None = None,
-                 influence: InfluenceCap | None = None) -> None:
+                 influence: InfluenceCap | None = None, writer: DurableRedisWriter | None = None,
+                 fallback: FallbackCache | None = None,
+                 recent: RecentImpressions | None = None) -> None:
         self.es = es
         self.redis = redis
         self.registry = registry
@@ -332,6 +359,9 @@ class Orchestrator:
         self.redis_url = redis_url
         self.extractor = FeatureExtractor([t.arm for t in registry])
         self._specs = {t.id: ArmSpec.from_template(t) for t in registry}
+        self.writer = writer
+        self.fallback = fallback
+        self.recent = recent
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -343,6 +373,7 @@ class Orchestrator:
                       bandit: Mapping[str, Any] | None = None,
                       feedback: Mapping[str, Any] | None = None,
                       rescoring: Mapping[str, Any] | None = None,
+                      resilience: Mapping[str, Any] | None = None,
                       check_services: bool = True) -> Orchestrator:
         """Build from :class:`OrchestratorSettings` (``es``, ``redis``, ``templates``, ``limits``
         slices; ``bandit`` / ``feedback`` / ``rescorer`` slices when present, else the
@@ -361,6 +392,7 @@ class Orchestrator:
         b = _slice(settings, "bandit", BANDIT_DEFAULTS, bandit)
         f = _slice(settings, "feedback", FEEDBACK_DEFAULTS, feedback)
         r = _slice(settings, "rescorer", RESCORER_DEFAULTS, rescoring)
+        res = _slice(settings, "resilience", RESILIENCE_DEFAULTS, resilience)
         es = es if es is not None else build_client(settings.es)
         redis = redis if redis is not None else build_redis(settings.redis)
         if check_services:
@@ -371,7 +403,12 @@ class Orchestrator:
         if mode == "auto":
             mode = "stored" if node_capabilities(es).stored_templates else "local"
         ms = MultiSearch(es, index=settings.es.catalog_alias, registry=registry, mode=mode,
-                         max_param_bytes=settings.limits.max_param_bytes)
+                         max_param_bytes=settings.limits.max_param_bytes,
+                         arm_timeout=res["arm_timeout"], request_timeout_s=res["es_search_timeout_s"],
+                         max_retries=res["es_search_retries"],
+                         breaker=CircuitBreaker("Elasticsearch",
+                                                failure_threshold=res["es_failure_threshold"],
+                                                reset_timeout_s=res["es_reset_timeout_s"]))
         featurizer = ContextFeaturizer(hash_dim=b["hash_dim"], bucket_keys=b["bucket_keys"])
         store = RedisBanditStore(redis, prefix=settings.redis.key_prefix, dim=featurizer.dim,
                                  stream_maxlen=f["stream_maxlen"], url=settings.redis.url)
@@ -407,11 +444,21 @@ class Orchestrator:
                 from .embeddings import get_encoder
 
                 return get_encoder(settings.embedding)
+        log = FeedbackLog(redis, store=store, impression_ttl_s=f["impression_ttl_s"],
+                          stream_maxlen=f["stream_maxlen"])
+        spool_dir = res["spool_dir"]
+        if spool_dir is None:
+            from .settings import ResilienceSettings
+
+            spool_dir = ResilienceSettings().spool_dir
+        writer = DurableRedisWriter(
+            Spool(Path(spool_dir), key=spool_key(settings.redis.url, settings.redis.key_prefix)),
+            redis_appliers(store, log),
+            breaker=CircuitBreaker("Redis", failure_threshold=1, reset_timeout_s=res["redis_retry_s"]),
+            replay_interval_s=res["redis_retry_s"])
         return cls(
             es=es, redis=redis, registry=registry, multisearch=ms, featurizer=featurizer,
-            selector=selector, store=store,
-            log=FeedbackLog(redis, store=store, impression_ttl_s=f["impression_ttl_s"],
-                            stream_maxlen=f["stream_maxlen"]),
+            selector=selector, store=store, log=log,
             rescorer=rescorer, understander=understander,  # type: ignore[arg-type]
             learner=learner,
             reward_model=RewardModel(position_bias=f["position_bias"], max_weight=f["max_weight"]),
@@ -423,6 +470,9 @@ class Orchestrator:
                                                prefix=settings.redis.key_prefix, url=settings.redis.url),
             influence=InfluenceCap.from_settings(getattr(settings, "security", None), redis,
                                                  prefix=settings.redis.key_prefix, url=settings.redis.url),
+            writer=writer, recent=RecentImpressions(res["impression_cache_size"]),
+            fallback=(FallbackCache(res["fallback_cache_size"], max_age_s=res["fallback_max_age_s"])
+                      if res["fallback_cache_size"] > 0 else None),
         )
 
     # -- rescorer hot reload -----------------------------------------------------------------
@@ -517,7 +567,13 @@ class Orchestrator:
         timings["build"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        results = self.multisearch.execute(requests, opaque_id=rid) if requests else []
+        try:
+            results = self.multisearch.execute(requests, opaque_id=rid) if requests else []
+        except ServiceUnavailableError as exc:
+            stale = self._serve_fallback(q, size, rid, ctx, sel_ctx, exc, client_id)
+            if stale is None:
+                raise
+            return stale
         timings["es"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -544,6 +600,9 @@ class Orchestrator:
                               _rescorer_label(rescorer), timings_ms, arm_stats=arm_stats,
                               token=token)
 
+        if self.fallback is not None and items and not failures:
+            self.fallback.put((normalize_query(q), size), resp)
+
         t = time.perf_counter()
         impression = self._record(resp, sel_ctx, executed)
         if not items and executed:
@@ -556,8 +615,75 @@ class Orchestrator:
                     timings_ms["total"], timings_ms["es"])
         return resp
 
+    def _serve_fallback(self, q: str, size: int, rid: str, ctx: RequestContext,
+                        sel_ctx: SelectionContext, exc: ServiceUnavailableError,
+                        client_id: str | None) -> SearchResponse | None:
+        """Elasticsearch is unavailable: the cached results of the last good response to the
+        same normalized query and size, marked degraded (every arm listed as failed with status
+        503; ``timings_ms`` has ``degraded`` and ``fallback_age_s``), or None. The impression
+        is logged with ``degraded: "fallback_cache"`` and no executed arm, so feedback on it
+        is recorded but rewards or blames no arm."""
+        hit = self.fallback.get((normalize_query(q), size)) if self.fallback is not None else None
+        if hit is None:
+            return None
+        age, old = hit
+        reason = f"fallback cache: {exc}; served the results of {age:.0f} s ago"
+        failures = tuple(ArmFailure(c.arm, c.template_id, 503, reason)
+                         for c in old.decision.choices) or (ArmFailure("*", "*", 503, reason),)
+        token = self.signer.issue(rid, client_id=client_id) if self.signer is not None else None
+        resp = SearchResponse(rid, q, old.results, old.decision, failures, old.parsed, ctx,
+                              old.rescorer, {"degraded": 1.0, "fallback_age_s": round(age, 3)},
+                              token=token)
+        logger.warning("search %s served from the fallback cache (%.0f s old): %s", rid, age, exc)
+        self._record(resp, sel_ctx, [], degraded="fallback_cache")
+        return resp
+
+    def _write(self, kind: str, payload: dict[str, Any]) -> tuple[Any, bool]:
+        """One Redis write through the durable writer: ``(result, spooled)``."""
+        if self.writer is not None:
+            return self.writer.write(kind, payload)
+        if kind == "impression":
+            self.log.record_impression(payload["impression"], event=payload["event"],
+                                       executed=payload["executed"])
+            return True, False
+        return redis_appliers(self.store, self.log)[kind](payload), False
+
+    def _apply_updates(self, updates: Sequence[StatUpdate], dedupe: tuple[str, str, int],
+                       event: dict[str, Any]) -> bool:
+        """Atomic bandit update + duplicate marker + event (spooled while Redis is down, and
+        then acknowledged as applied once durable). False: a duplicate."""
+        if self.writer is not None and self.writer.spool.has_marker(dedupe[0], dedupe[1]):
+            return False  # the same feedback is already waiting in the spool
+        result, spooled = self._write("apply", {"updates": [update_to_dict(u) for u in updates],
+                                                "dedupe": list(dedupe), "event": event})
+        return True if spooled else bool(result)
+
+    def _impression(self, request_id: str) -> dict[str, Any]:
+        """The stored impression: Redis, else (Redis down, or not replayed yet) the spool or
+        the impressions this process served recently."""
+        def local() -> dict[str, Any] | None:
+            hit = self.writer.spool.impression(request_id) if self.writer is not None else None
+            return hit if hit is not None or self.recent is None else self.recent.get(request_id)
+
+        if self.writer is not None and self.writer.breaker.state == "open":
+            imp = local()  # Redis failed a moment ago: do not wait for it again
+            if imp is not None:
+                return dict(imp)
+        try:
+            return self.log.get_impression(request_id)
+        except ServiceUnavailableError:
+            imp = local()
+            if imp is None:
+                raise
+            return dict(imp)
+        except UnknownRequestError:
+            hit = self.writer.spool.impression(request_id) if self.writer is not None else None
+            if hit is None:
+                raise
+            return dict(hit)
+
     def _record(self, resp: SearchResponse, sel_ctx: SelectionContext,
-                executed: list[str]) -> dict[str, Any]:
+                executed: list[str], *, degraded: str | None = None) -> dict[str, Any]:
         decision = decision_to_dict(resp.decision)
         for c in decision["chosen"]:
             c["action_features"] = [list(x) for x in self._specs[c["template_id"]].action_features] \
@@ -576,10 +702,14 @@ class Orchestrator:
                           "reason": f.reason} for f in resp.failures],
             "shown": shown, "rescorer": resp.rescorer, "timings_ms": resp.timings_ms,
         }
+        if degraded:
+            impression["degraded"] = degraded
         event = {**impression, "feature_names": list(self.extractor.names),
                  "shown": [{**s, "features": [round(v, 6) for v in it.features.values()]}
                            for s, it in zip(shown, resp.results)]}
-        self.log.record_impression(impression, event=event, executed=executed)
+        if self.recent is not None:
+            self.recent.put(impression)
+        self._write("impression", {"impression": impression, "event": event, "executed": executed})
         return impression
 
     def _reward_empty(self, resp: SearchResponse, sel_ctx: SelectionContext,
@@ -591,9 +721,9 @@ class Orchestrator:
         event = {"request_id": resp.request_id, "item_id": None, "action": EMPTY_ACTION,
                  "rewards": {r.template_id: 0.0 for r in rewards}, "rewarded_arms": [],
                  "query": resp.query, "ts": _now_iso()}
-        self.store.apply(self.learner.updates_for(sel_ctx, rewards),
-                         dedupe=(self.log.dedupe_key(resp.request_id), "\x1fempty",
-                                 self.log.impression_ttl_s), event=event)
+        self._apply_updates(self.learner.updates_for(sel_ctx, rewards),
+                            (self.log.dedupe_key(resp.request_id), "\x1fempty",
+                             self.log.impression_ttl_s), event)
 
     # -- feedback ------------------------------------------------------------------------------
     def feedback(self, request_id: str, item_id: str, action: str, *, token: str | None = None,
@@ -620,7 +750,7 @@ class Orchestrator:
         if token is not None and self.signer is not None:
             self.signer.verify(token, request_id=request_id, client_id=client_id)
         self.reward_model.check_action(action)
-        imp = self.log.get_impression(request_id)
+        imp = self._impression(request_id)
         item, rewards = impression_rewards(imp, item_id=item_id, action=action,
                                            reward_model=self.reward_model)
         rank = int(item["rank"]) if item is not None else 0  # None only for EMPTY_ACTION
@@ -646,11 +776,11 @@ class Orchestrator:
                                       "action": action, "arms": sorted(arm_weights)})
                 return FeedbackResult(request_id, item_id, action, counted, rank, weight,
                                       reward_map, capped=not counted)
-        applied = self.store.apply(
+        applied = self._apply_updates(
             updates,
-            dedupe=(self.log.dedupe_key(request_id), self.log.dedupe_member(item_id, action),
-                    self.log.impression_ttl_s),
-            event=event,
+            (self.log.dedupe_key(request_id), self.log.dedupe_member(item_id, action),
+             self.log.impression_ttl_s),
+            event,
         )
         if not applied and reservation is not None:
             self.influence.release(reservation)  # type: ignore[union-attr]
@@ -688,7 +818,8 @@ class Orchestrator:
         return out
 
     def health(self) -> dict[str, str]:
-        """``{"elasticsearch": "ok" | error, "redis": "ok" | error}``."""
+        """``{"elasticsearch": "ok" | error, "redis": "ok" | error, "spool": "ok" | what is
+        waiting}``: the spool is not ok while Redis writes wait in it for replay."""
         from .es_client import check_available as es_check
         from .redis_client import check_available as redis_check
 
@@ -700,7 +831,35 @@ class Orchestrator:
                 out[name] = "ok"
             except ServiceUnavailableError as exc:
                 out[name] = str(exc)
+        if self.writer is not None:
+            st = self.writer.status()
+            waiting = st["spooled"] + st["orphan_files"]
+            out["spool"] = "ok" if not waiting else (
+                f"{st['spooled']} Redis write(s) spooled in {st['spool_file']}"
+                + (f" and {st['orphan_files']} orphaned spool file(s)" if st["orphan_files"] else "")
+                + "; replayed when Redis answers")
         return out
+
+    def resilience_status(self) -> dict[str, Any]:
+        """Numbers behind :meth:`health`: breaker states, spooled and replayed writes,
+        fallback cache size."""
+        breaker = getattr(self.multisearch, "breaker", None)
+        return {
+            "elasticsearch_breaker": breaker.snapshot() if breaker is not None else None,
+            "spool": self.writer.status() if self.writer is not None else None,
+            "fallback_cache": len(self.fallback) if self.fallback is not None else None,
+        }
+
+    def replay_spool(self) -> int:
+        """Replay spooled Redis writes now (also done in the background and before the next
+        write); returns how many went in. Stops quietly while Redis is still down."""
+        return self.writer.replay() if self.writer is not None else 0
+
+    def close(self) -> None:
+        """Stop the spool's replay thread and release its file (still-spooled writes stay on
+        disk and are adopted by the next orchestrator for the same Redis state)."""
+        if self.writer is not None:
+            self.writer.close()
 
 
 __all__ = ["EMPTY_ACTION", "Orchestrator", "decision_to_dict", "executed_arms",

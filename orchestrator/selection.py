@@ -58,7 +58,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .bandit_state import BanditStore, BetaUpdate, LinearUpdate, StatUpdate
+from .bandit_state import (
+    BanditStore,
+    BetaStats,
+    BetaUpdate,
+    LinearStats,
+    LinearUpdate,
+    StatUpdate,
+)
 from .domain import (
     INTENTS,
     SLOT_CATEGORIES,
@@ -67,7 +74,7 @@ from .domain import (
     RequestContext,
     SelectionDecision,
 )
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     from .rewards import ArmReward
@@ -479,7 +486,16 @@ class LinearThompsonSelector(_ThompsonBase):
     def _ensure(self, arms: Sequence[ArmSpec]) -> None:
         missing = any(a.component not in self.posteriors_ for a in arms)
         if missing or self.refresh_interval_s <= 0:
-            self.refresh(arms)
+            try:
+                self.refresh(arms)
+            except ServiceUnavailableError as exc:
+                # The store is down: serve from the posteriors held in memory (priors for arms
+                # never loaded); the version stays stale so the next select reloads.
+                logger.warning("bandit state unavailable, selecting from cached posteriors: %s", exc)
+                if missing:
+                    empty = {c: LinearStats.empty(self.store.dim) for c in self._components(arms)}
+                    fresh = self._compute(empty, arms)
+                    self.posteriors_ = {**fresh, **self.posteriors_}
             return
         if time.monotonic() - self._loaded_at >= self.refresh_interval_s and not self._refreshing:
             self._refreshing = True
@@ -535,8 +551,13 @@ class BetaThompsonSelector(_ThompsonBase):
     def _ensure(self, arms: Sequence[ArmSpec]) -> None:
         stale = time.monotonic() - self._loaded_at >= self.refresh_interval_s
         if stale or any(a.template_id not in self.stats_ for a in arms):
-            self.stats_ = {**self.stats_, **self.store.load_beta([a.template_id for a in arms])}
-            self._loaded_at = time.monotonic()
+            try:
+                self.stats_ = {**self.stats_, **self.store.load_beta([a.template_id for a in arms])}
+                self._loaded_at = time.monotonic()
+            except ServiceUnavailableError as exc:  # keep what we have; priors for the rest
+                logger.warning("bandit state unavailable, selecting from cached statistics: %s", exc)
+                self.stats_ = {**{a.template_id: BetaStats() for a in arms}, **self.stats_}
+                self._loaded_at = time.monotonic()  # retry after the interval, not every select
 
     def _params(self, context: SelectionContext, arms: Sequence[ArmSpec]) -> tuple[np.ndarray, np.ndarray]:
         self._ensure(arms)

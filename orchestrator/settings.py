@@ -164,6 +164,33 @@ class LogSettings(BaseModel):
     json_lines: bool = True
 
 
+class ResilienceSettings(BaseModel):
+    """What happens when Elasticsearch or Redis fails (see :mod:`orchestrator.resilience`)."""
+
+    #: Wall-clock bound of one search's ``_msearch`` (per attempt) and extra attempts on a
+    #: connection error: a hung node fails a search after at most timeout x (retries + 1).
+    es_search_timeout_s: float = Field(5.0, gt=0)
+    es_search_retries: int = Field(1, ge=0)
+    #: Elasticsearch ``timeout`` put in every arm's body. An arm that reports ``timed_out`` or
+    #: a shard failure is dropped from the request (no merge, no reward, no blame).
+    arm_timeout: str = "500ms"
+    #: Circuit breaker of searches: after this many consecutive connection failures, searches
+    #: fail at once (503) for ``es_reset_timeout_s``, then one probe is let through.
+    es_failure_threshold: int = Field(3, ge=1)
+    es_reset_timeout_s: float = Field(5.0, ge=0)
+    #: > 0: keep the last good response of this many (normalized query, size) pairs and serve
+    #: it, marked degraded, while Elasticsearch is unavailable (0: fail with 503).
+    fallback_cache_size: int = Field(0, ge=0)
+    fallback_max_age_s: float = Field(600.0, gt=0)
+    #: Durable spool of Redis writes (impressions, feedback) made while Redis is down.
+    spool_dir: Path = Path.home() / ".local" / "state" / "ltrr" / "spool"
+    #: After a Redis failure, writes go straight to the spool this long before Redis is tried
+    #: again; the replay thread retries at this interval too.
+    redis_retry_s: float = Field(1.0, gt=0)
+    #: Impressions kept in memory so feedback can be joined while Redis is unreachable.
+    impression_cache_size: int = Field(5000, ge=0)
+
+
 class CelerySettings(BaseModel):
     #: Broker and result backend; default to the Redis of ``redis.url`` (db 1 and 2).
     broker_url: str | None = None
@@ -196,6 +223,7 @@ class OrchestratorSettings(BaseSettings):
     memory: MemorySettings = MemorySettings()
     qu: QuSettings = QuSettings()
     security: SecuritySettings = SecuritySettings()
+    resilience: ResilienceSettings = ResilienceSettings()
     log: LogSettings = LogSettings()
 
     def celery_urls(self) -> tuple[str, str]:
