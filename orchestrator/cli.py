@@ -351,6 +351,95 @@ def retrain(
         typer.echo(f"      done in {time.perf_counter() - t0:.1f} s: {json.dumps(res, default=str)}")
 
 
+@app.command()
+def simulate(
+    rounds: Annotated[int, typer.Option(help="Queries in the stream (each runs once per policy).")] = 1200,
+    seed: Annotated[int, typer.Option(help="Drives the query stream, clicks and selectors.")] = 0,
+    mix: Annotated[str, typer.Option(help="Query-type mix.")] = "playlist=0.4,known_item=0.4,tag=0.2",
+    drift_to: Annotated[str | None, typer.Option(
+        "--drift-to", help="Non-stationarity: the mix moves linearly from --mix to this one.")] = None,
+    click_model: Annotated[str, typer.Option(help="cascade | pbm")] = "cascade",
+    attract: Annotated[str, typer.Option(help="Click probability per relevance grade 1,2,3.")] = "0.7,0.85,0.95",
+    noise: Annotated[float, typer.Option(help="Click probability of an irrelevant item.")] = 0.02,
+    eta: Annotated[float, typer.Option(help="pbm: P(examine rank k) = 1 / k**eta.")] = 1.0,
+    p_play: Annotated[float, typer.Option(help="P(play | click on a relevant item).")] = 0.6,
+    budget: Annotated[int, typer.Option(help="Total candidate budget per request.")] = 60,
+    policies: Annotated[str | None, typer.Option(
+        help="Comma list (default all): single, all_arms, hybrid_rrf, random, epsilon_greedy, "
+             "ours, arm:<template id>.")] = None,
+    oracle: Annotated[bool, typer.Option(help="Calibrate and run the oracle (regret).")] = True,
+    calibration: Annotated[int, typer.Option(help="Oracle calibration queries per query type.")] = 40,
+    alias: Annotated[str | None, typer.Option(help="Catalog alias (default: es.catalog_alias).")] = None,
+    genres: Annotated[list[str] | None, typer.Option(
+        help="Known items only from these genre files (for a catalog slice; repeatable).")] = None,
+    out: Annotated[str, typer.Option(help="Folder for report.json, rounds.jsonl.gz, table.md, PNGs.")]
+        = "benchmarks/results/simulation",
+    keep_state: Annotated[bool, typer.Option(help="Keep the run's Redis keys (sim:<run id>:*).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Replay a stream of real-data queries (playlists, known items with typos, Last.fm tags)
+    with simulated users (click models) against one live orchestrator per policy; write the
+    comparison (JSON, markdown table, PNG plots) and the round log for `evaluate ope`."""
+    from pathlib import Path
+
+    from .redis_client import build_redis, check_available
+    from .simulation.queries import parse_mix
+    from .simulation.report import table, write_all
+    from .simulation.runner import SimConfig, Simulation
+
+    s = _settings()
+    client = _es(s)
+    r = build_redis(s.redis)
+    check_available(r, s.redis.url)
+    cfg = SimConfig(
+        rounds=rounds, seed=seed, mix=parse_mix(mix), drift_to=parse_mix(drift_to) if drift_to else None,
+        click_model=click_model,
+        click_params={"attract": tuple(float(x) for x in attract.split(",")), "noise": noise,
+                      "p_play": p_play, **({"eta": eta} if click_model == "pbm" else {})},
+        total_budget=budget, policies=[p.strip() for p in policies.split(",")] if policies else None,
+        oracle=oracle, calibration_per_type=calibration, genres=genres, keep_state=keep_state,
+    )
+    sim = Simulation(cfg, s, es=client, redis=r, alias=alias)
+    typer.echo(f"run {sim.run_id}: {rounds} rounds, arms {sim.arms}, sources {sim.sources.sizes()}")
+    result = sim.run(progress=progress)
+    out_dir = Path(out)
+    report = write_all(result, out_dir)
+    typer.echo(table(report))
+    for v in report["ours_vs_best_static"]:
+        word = "beats" if v["ours_wins"] else "LOSES TO"
+        typer.echo(f"{v['qtype']}: ours {word} the best static policy {v['best_static']} "
+                   f"({v['metric']} {v['ours']:.3f} vs {v['best_static_value']:.3f})")
+    typer.echo(f"oracle plans: {report['oracle_plans']}")
+    typer.echo(f"seconds: {report['seconds']}; wrote {', '.join(report['files'])} to {out_dir}")
+
+
+@evaluate_app.command("ope")
+def evaluate_ope(
+    log: Annotated[str, typer.Option(help="Round log of a simulation (rounds.jsonl.gz).")]
+        = "benchmarks/results/simulation/rounds.jsonl.gz",
+    report_path: Annotated[str | None, typer.Option(
+        "--report", help="Its report.json (oracle plans); default: next to the log.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Off-policy estimates (IPS, SNIPS, doubly robust) of the fixed policies and the oracle
+    from the logs of the random, Thompson (ours) and epsilon-greedy policies, each checked
+    against the target's actual simulated reward."""
+    from pathlib import Path
+
+    from .simulation.report import by_policy, ope_section, ope_table, read_rounds
+
+    log_path = Path(log)
+    if not log_path.is_file():
+        raise typer.BadParameter(f"no round log at {log_path}; run `ltrr simulate` first")
+    rp = Path(report_path) if report_path else log_path.parent / "report.json"
+    plans = json.loads(rp.read_text(encoding="utf-8")).get("oracle_plans", {}) if rp.is_file() else {}
+    ope = ope_section(by_policy(read_rounds(log_path)), plans)
+    if as_json:
+        typer.echo(json.dumps(ope, indent=2))
+    else:
+        typer.echo(ope_table({"ope": ope}))
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(ctx: typer.Context,
            concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,

@@ -1,0 +1,337 @@
+"""Summaries, the JSON report and the PNG plots of a simulation run.
+
+Consumes :class:`~orchestrator.simulation.runner.SimResult` (or its saved round log);
+produces the report dict (per policy, overall and per query type: success@10, MRR,
+nDCG@10, candidate recall, cost, cumulative reward and regret vs the oracle; arm shares
+over time; the honest comparison of ``ours`` with the best static policy per query type;
+OPE estimates), ``report.json``, ``rounds.jsonl.gz`` (the log ``ltrr evaluate ope`` reads)
+and four PNGs (matplotlib, Agg backend).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .ope import LoggedRound, RewardModel, estimate, fixed_target, per_type_target
+from .queries import QUERY_TYPES
+
+logger = logging.getLogger(__name__)
+
+METRICS: tuple[str, ...] = ("ndcg", "success", "mrr", "cand_recall", "cand_hit", "clicked")
+#: Policies that learn or randomise (their arm shares over time are plotted).
+ADAPTIVE = ("ours", "epsilon_greedy", "random")
+#: Reward per round (regret is computed on it).
+REWARD = "ndcg"
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(np.mean(xs)) if len(xs) else float("nan")
+
+
+def _r(x: float, n: int = 4) -> float | None:
+    return None if x != x else round(float(x), n)
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Metric means and costs of one policy's rows."""
+    if not rows:
+        return {"n": 0}
+    lat = np.asarray([r["latency_ms"] for r in rows])
+    out: dict[str, Any] = {"n": len(rows)}
+    for m in METRICS:
+        out[m] = _r(_mean([r[m] for r in rows]))
+    out["arms_per_request"] = _r(_mean([len(r["arms"]) for r in rows]), 3)
+    out["candidates_fetched"] = _r(_mean([r["fetched"] for r in rows]), 1)
+    out["candidates_unique"] = _r(_mean([r["n_candidates"] for r in rows]), 1)
+    out["latency_ms_p50"] = _r(float(np.percentile(lat, 50)), 1)
+    out["latency_ms_p95"] = _r(float(np.percentile(lat, 95)), 1)
+    out["es_ms_mean"] = _r(_mean([r["es_ms"] for r in rows]), 1)
+    out["failed_searches"] = int(sum(1 for r in rows if r.get("error")))
+    return out
+
+
+def by_policy(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    out: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        out[r["policy"]].append(r)
+    for v in out.values():
+        v.sort(key=lambda r: r["t"])
+    return dict(out)
+
+
+def static_policies(names: Iterable[str]) -> list[str]:
+    """Equal-budget static policies (single arms and the hybrid; not ``all_arms``)."""
+    return [n for n in names if n.startswith("arm:") or n == "hybrid_rrf"]
+
+
+def ope_section(per: Mapping[str, Sequence[Mapping[str, Any]]], plans: Mapping[str, Mapping[str, int]],
+                *, metrics: Sequence[str] = ("clicked", "ndcg")) -> dict[str, Any]:
+    """Estimate every deterministic equal-budget policy (single arms, hybrid, oracle) from
+    the logs of ``random`` (exact propensities) and ``ours`` (independence approximation),
+    and compare with the target's actual mean in its own run of the same rounds."""
+    from .policies import HYBRID_ARMS
+
+    targets: dict[str, Any] = {}
+    for name in per:
+        if name.startswith("arm:"):
+            targets[name] = fixed_target([name[4:]])
+    if "hybrid_rrf" in per:
+        targets["hybrid_rrf"] = fixed_target(HYBRID_ARMS)
+    if "oracle" in per and plans:
+        targets["oracle"] = per_type_target({k: list(v) for k, v in plans.items()})
+    out: dict[str, Any] = {}
+    for logger_name in ("random", "ours", "epsilon_greedy"):
+        logs = per.get(logger_name)
+        if not logs:
+            continue
+        out[logger_name] = {}
+        for metric in metrics:
+            rounds = [LoggedRound(r["qtype"], tuple(r["eligible"]), frozenset(r["arms"]),
+                                  float(r["subset_propensity"]), float(r[metric])) for r in logs
+                      if not r.get("error")]
+            if not rounds:
+                continue
+            model = RewardModel().fit(rounds)
+            res: dict[str, Any] = {}
+            for tname, target in targets.items():
+                est = estimate(rounds, target, model=model)
+                actual = _mean([r[metric] for r in per[tname]])
+                d = est.as_dict()
+                d["actual"] = _r(actual, 5)
+                for k in ("ips", "snips", "dr"):
+                    v = getattr(est, k)
+                    d[f"{k}_error"] = _r(v - actual, 5) if v == v else None
+                res[tname] = d
+            errs = {k: _r(_mean([abs(v[f"{k}_error"]) for v in res.values() if v[f"{k}_error"] is not None]), 5)
+                    for k in ("ips", "snips", "dr")}
+            out[logger_name][metric] = {"targets": res, "mean_abs_error": errs}
+    return out
+
+
+def build_report(result: Any) -> dict[str, Any]:
+    """The whole report of a :class:`SimResult` (JSON-able)."""
+    rows = [asdict(r) for r in result.records]
+    return report_from_rows(rows, config=result.config.as_dict(), oracle_plans=result.oracle_plans,
+                            calibration=result.calibration, arms=result.arms,
+                            query_counts=result.query_counts, source_sizes=result.source_sizes,
+                            seconds=result.seconds)
+
+
+def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, Any],
+                     oracle_plans: Mapping[str, Mapping[str, int]], calibration: Mapping[str, Any],
+                     arms: Sequence[str], query_counts: Mapping[str, int],
+                     source_sizes: Mapping[str, int], seconds: Mapping[str, float],
+                     n_windows: int = 10) -> dict[str, Any]:
+    per = by_policy(rows)
+    n_rounds = int(config.get("rounds") or (max(r["t"] for r in rows) + 1 if rows else 0))
+    oracle = {r["t"]: r[REWARD] for r in per.get("oracle", [])}
+    policies: dict[str, Any] = {}
+    edges = np.linspace(0, n_rounds, n_windows + 1).astype(int)
+    for name, prow in per.items():
+        overall = summarize(prow)
+        types = {t: summarize([r for r in prow if r["qtype"] == t]) for t in QUERY_TYPES}
+        cum = float(sum(r[REWARD] for r in prow))
+        entry: dict[str, Any] = {"overall": overall, "by_type": types,
+                                 "cumulative_reward": _r(cum, 3)}
+        if oracle:
+            entry["cumulative_regret"] = _r(sum(oracle.get(r["t"], 0.0) - r[REWARD] for r in prow), 3)
+        windows = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            w = [r for r in prow if lo <= r["t"] < hi]
+            share = {a: _r(_mean([float(a in r["arms"]) for r in w]), 3) for a in arms}
+            windows.append({"rounds": [int(lo), int(hi)], REWARD: _r(_mean([r[REWARD] for r in w])),
+                            "success": _r(_mean([r["success"] for r in w])),
+                            "mix": {t: _r(_mean([float(r["qtype"] == t) for r in w]), 3) for t in QUERY_TYPES},
+                            "arm_share": share})
+        entry["over_time"] = windows
+        policies[name] = entry
+    verdicts = []
+    statics = static_policies(per)
+    if "ours" in per and statics:
+        for t in QUERY_TYPES:
+            cand = [(policies[s]["by_type"][t].get(REWARD), s) for s in statics
+                    if policies[s]["by_type"][t].get("n")]
+            if not cand or not policies["ours"]["by_type"][t].get("n"):
+                continue
+            best_v, best = max(cand)
+            ours_v = policies["ours"]["by_type"][t][REWARD]
+            verdicts.append({"qtype": t, "metric": REWARD, "ours": ours_v, "best_static": best,
+                             "best_static_value": best_v, "difference": _r(ours_v - best_v),
+                             "ours_wins": bool(ours_v > best_v)})
+    return {
+        "config": dict(config), "arms": list(arms), "source_sizes": dict(source_sizes),
+        "query_counts": dict(query_counts), "seconds": dict(seconds),
+        "reward": f"{REWARD}@{config.get('display', 10)} (regret = oracle reward - policy reward, per round)",
+        "oracle_plans": {k: dict(v) for k, v in oracle_plans.items()},
+        "oracle_calibration_top10": dict(calibration),
+        "policies": policies,
+        "ours_vs_best_static": verdicts,
+        "ope": ope_section(per, oracle_plans),
+    }
+
+
+def table(report: Mapping[str, Any], *, metric_cols: Sequence[str] = ("success", "mrr", "ndcg",
+                                                                        "cand_recall")) -> str:
+    """Markdown tables: overall by policy (with cost and regret), then nDCG@10 and
+    success@10 per query type."""
+    pol = report["policies"]
+    names = sorted(pol, key=lambda n: (n == "oracle", -(pol[n]["overall"].get("ndcg") or 0)))
+    head = ["policy", "success@10", "MRR", "nDCG@10", "cand. recall", "cand. hit", "arms/req",
+            "cands fetched/req", "p50 ms", "cum. regret"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        o = pol[n]["overall"]
+        lines.append("| " + " | ".join([
+            n, *(f"{o.get(m, 0):.3f}" for m in metric_cols), f"{o.get('cand_hit', 0):.3f}",
+            f"{o['arms_per_request']:.2f}", f"{o['candidates_fetched']:.0f}", f"{o['latency_ms_p50']:.0f}",
+            f"{pol[n].get('cumulative_regret', float('nan')):.1f}"]) + " |")
+    lines.append("")
+    head2 = ["policy"] + [f"{t} nDCG@10" for t in QUERY_TYPES] + [f"{t} success@10" for t in QUERY_TYPES]
+    lines += ["| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
+    for n in names:
+        bt = pol[n]["by_type"]
+        cells = [f"{bt[t].get('ndcg', float('nan')) or 0:.3f}" if bt[t].get("n") else "-" for t in QUERY_TYPES]
+        cells += [f"{bt[t].get('success', float('nan')) or 0:.3f}" if bt[t].get("n") else "-" for t in QUERY_TYPES]
+        lines.append("| " + " | ".join([n, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def ope_table(report: Mapping[str, Any]) -> str:
+    lines = ["| logging policy | reward | target | actual | IPS | SNIPS | DR | matched | ESS |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for lg, by_metric in report.get("ope", {}).items():
+        for metric, sec in by_metric.items():
+            for tname, d in sec["targets"].items():
+                lines.append(f"| {lg} | {metric} | {tname} | {d['actual']:.3f} | {d['ips']:.3f} | "
+                             f"{d['snips']:.3f} | {d['dr']:.3f} | {d['n_matched']} | {d['ess']:.0f} |")
+            e = sec["mean_abs_error"]
+            lines.append(f"| {lg} | {metric} | *mean abs. error* | | {e['ips']} | {e['snips']} | {e['dr']} | | |")
+    return "\n".join(lines)
+
+
+# -- files -------------------------------------------------------------------------------------
+
+def write_rounds(rows: Iterable[Mapping[str, Any]], path: Path) -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_rounds(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def write_all(result: Any, out_dir: Path, *, plots: bool = True) -> dict[str, Any]:
+    """``report.json``, ``rounds.jsonl.gz``, ``table.md`` and the PNGs into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = build_report(result)
+    write_rounds((asdict(r) for r in result.records), out_dir / "rounds.jsonl.gz")
+    files = ["report.json", "rounds.jsonl.gz", "table.md"]
+    if plots:
+        files += plot_all(report, [asdict(r) for r in result.records], out_dir)
+    report["files"] = files
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "table.md").write_text(table(report) + "\n\n" + ope_table(report) + "\n", encoding="utf-8")
+    return report
+
+
+def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = by_policy(rows)
+    oracle = {r["t"]: r[REWARD] for r in per.get("oracle", [])}
+    names = sorted(per)
+    cmap = plt.get_cmap("tab20")
+    colors = {n: cmap(i % 20) for i, n in enumerate(names)}
+    files = []
+
+    def style(n: str) -> dict[str, Any]:
+        bold = n in ("ours", "oracle", "hybrid_rrf", "all_arms")
+        return {"color": colors[n], "linewidth": 2.4 if bold else 1.1,
+                "linestyle": "-" if bold or not n.startswith("arm:") else "--"}
+
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for n in names:
+        ax.plot([r["t"] + 1 for r in per[n]], np.cumsum([r[REWARD] for r in per[n]]), label=n, **style(n))
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"cumulative reward ({REWARD}@10)")
+    ax.set_title("Cumulative reward")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "cumulative_reward.png", dpi=110)
+    plt.close(fig)
+    files.append("cumulative_reward.png")
+
+    if oracle:
+        fig, ax = plt.subplots(figsize=(10, 6))
+        for n in names:
+            if n == "oracle":
+                continue
+            ax.plot([r["t"] + 1 for r in per[n]],
+                    np.cumsum([oracle.get(r["t"], 0.0) - r[REWARD] for r in per[n]]), label=n, **style(n))
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"cumulative regret vs oracle ({REWARD}@10)")
+        ax.set_title("Cumulative regret (oracle = best fixed subset per query type, calibrated)")
+        ax.legend(fontsize=8, ncol=2)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "cumulative_regret.png", dpi=110)
+        plt.close(fig)
+        files.append("cumulative_regret.png")
+
+    adaptive = [n for n in ADAPTIVE if n in report["policies"]]
+    if adaptive:
+        arms = report["arms"]
+        fig, axes = plt.subplots(1, len(adaptive), figsize=(5.5 * len(adaptive), 4.5), squeeze=False)
+        for ax, n in zip(axes[0], adaptive):
+            wins = report["policies"][n]["over_time"]
+            x = [(w["rounds"][0] + w["rounds"][1]) / 2 for w in wins]
+            for a in arms:
+                ax.plot(x, [w["arm_share"].get(a) or 0 for w in wins], marker="o", label=a)
+            ax.set_title(f"{n}: share of requests running each arm")
+            ax.set_xlabel("round")
+            ax.set_ylim(0, 1.05)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("selection share")
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "arm_share.png", dpi=110)
+        plt.close(fig)
+        files.append("arm_share.png")
+
+    pol = report["policies"]
+    types = [t for t in QUERY_TYPES if any(pol[n]["by_type"][t].get("n") for n in names)]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    width = 0.8 / max(len(names), 1)
+    for ax, metric in zip(axes, ("success", "ndcg")):
+        for i, n in enumerate(names):
+            vals = [pol[n]["by_type"][t].get(metric) or 0 for t in types]
+            ax.bar(np.arange(len(types)) + i * width, vals, width, label=n, color=colors[n])
+        ax.set_xticks(np.arange(len(types)) + 0.4 - width / 2)
+        ax.set_xticklabels(types)
+        ax.set_title(f"{metric}@10 by query type")
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / "success_by_type.png", dpi=110)
+    plt.close(fig)
+    files.append("success_by_type.png")
+    return files
