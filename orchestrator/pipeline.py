@@ -606,7 +606,7 @@ class Orchestrator:
         t = time.perf_counter()
         impression = self._record(resp, sel_ctx, executed)
         if not items and executed:
-            self._reward_empty(resp, sel_ctx, impression)
+            self._reward_empty(resp, sel_ctx, impression, client_id=client_id)
         timings_ms["log"] = round((time.perf_counter() - t) * 1000, 3)
         timings_ms["overhead"] = round(sum(timings_ms[k] for k in ("qu", "select", "build", "merge", "rescore")), 3)
         timings_ms["total"] = round((time.perf_counter() - t0) * 1000, 3)
@@ -713,11 +713,18 @@ class Orchestrator:
         return impression
 
     def _reward_empty(self, resp: SearchResponse, sel_ctx: SelectionContext,
-                      impression: Mapping[str, Any]) -> None:
+                      impression: Mapping[str, Any], *, client_id: str | None = None) -> None:
         """Nothing to show: no interaction can ever reward or blame the arms that ran, so they
-        get their (zero) observation now (see :mod:`orchestrator.rewards`)."""
+        get their (zero) observation now (see :mod:`orchestrator.rewards`). A client's
+        searches count against its influence cap like its feedback does (otherwise a flood of
+        gibberish queries would push every arm down)."""
         _, rewards = impression_rewards(impression, item_id=None, action=EMPTY_ACTION,
                                         reward_model=self.reward_model)
+        if self.influence is not None and client_id is not None:
+            if self.influence.reserve(client_id, {r.template_id: r.weight for r in rewards}) is None:
+                logger.warning("empty-result observation capped: client over its influence cap",
+                               extra={"capped": True, "client": client_id})
+                return
         event = {"request_id": resp.request_id, "item_id": None, "action": EMPTY_ACTION,
                  "rewards": {r.template_id: 0.0 for r in rewards}, "rewarded_arms": [],
                  "query": resp.query, "ts": _now_iso()}
@@ -770,7 +777,10 @@ class Orchestrator:
                 arm_weights[rw.template_id] = arm_weights.get(rw.template_id, 0.0) + rw.weight
             reservation = self.influence.reserve(client_id, arm_weights)
             if reservation is None:
-                counted = (item_id, action) in self.log.counted(request_id)
+                try:
+                    counted = (item_id, action) in self.log.counted(request_id)
+                except ServiceUnavailableError:
+                    counted = False
                 logger.warning("feedback capped: client over its influence cap",
                                extra={"capped": True, "client": client_id, "item_id": item_id,
                                       "action": action, "arms": sorted(arm_weights)})

@@ -325,6 +325,7 @@ class Reservation:
 
     key: str
     weights: dict[str, float]
+    local: bool = False
 
 
 class InfluenceCap:
@@ -353,6 +354,11 @@ class InfluenceCap:
         self.url = url
         self.clock = clock
         self._script = client.register_script(_CAP_LUA)
+        # While Redis is down: the same accounting per process (feedback may still be spooled
+        # by the pipeline; the cap must not become an outage, nor switch off).
+        self._local: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()
+        self.fallbacks = 0
 
     @classmethod
     def from_settings(cls, security: Any, client: redis.Redis, *, prefix: str,
@@ -371,10 +377,7 @@ class InfluenceCap:
         """Charge ``weights`` (``{template_id: observation weight}``) to ``client_id``; None
         when any arm would exceed the cap (nothing charged).
 
-        Raises
-        ------
-        ServiceUnavailableError
-            Redis is down (the feedback could not be applied anyway).
+        While Redis is down the charge is kept in this process (same cap, same window).
         """
         w = {t: float(v) for t, v in weights.items() if v > 0}
         key = self.key(client_id)
@@ -384,14 +387,34 @@ class InfluenceCap:
         for t, v in sorted(w.items()):
             args += [t, repr(v)]
         try:
-            ok = self._script(keys=[key], args=args)
+            ok = int(self._script(keys=[key], args=args))
         except _REDIS_ERRORS as exc:
-            raise ServiceUnavailableError("Redis", self.url) from exc
-        return Reservation(key, w) if int(ok) == 1 else None
+            self.fallbacks += 1
+            logger.warning("influence cap: Redis unavailable (%s); counting in this process", exc)
+            return Reservation(key, w, local=True) if self._local_reserve(key, w) else None
+        return Reservation(key, w) if ok == 1 else None
+
+    def _local_reserve(self, key: str, w: Mapping[str, float]) -> int:
+        with self._lock:
+            window = key.rsplit(":", 1)[1]
+            for k in [k for k in self._local if k.rsplit(":", 1)[1] != window]:
+                del self._local[k]
+            used = self._local.setdefault(key, {})
+            if any(used.get(t, 0.0) + v > self.cap + 1e-9 for t, v in w.items()):
+                return 0
+            for t, v in w.items():
+                used[t] = used.get(t, 0.0) + v
+            return 1
 
     def release(self, reservation: Reservation) -> None:
         """Refund a reservation whose feedback was not applied (a duplicate)."""
         if not reservation.weights:
+            return
+        if reservation.local:
+            with self._lock:
+                used = self._local.get(reservation.key, {})
+                for t, v in reservation.weights.items():
+                    used[t] = used.get(t, 0.0) - v
             return
         try:
             pipe = self.client.pipeline(transaction=True)
