@@ -275,6 +275,26 @@ def evaluate(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, 
 # --- indexing ------------------------------------------------------------------------------
 
 
+def default_analyzers() -> dict[StemmerName, Analyzer]:
+    """One :class:`Analyzer` per stemmer, shared by indexing and querying."""
+    return {"porter": Analyzer(stemmer="porter"), "english": Analyzer(stemmer="english")}
+
+
+def doc_source(title: str, text: str, *, analyzers: Mapping[StemmerName, Analyzer],
+               vector: Sequence[float] | None = None) -> dict[str, Any]:
+    """The ``_source`` of one SciFact document (see ``mappings/scifact.v1.json``): the raw
+    fields, title + text stemmed with each stemmer, title and text stemmed apart, the vector."""
+    flat = f"{title} {text}"
+    porter = analyzers["porter"]
+    src: dict[str, Any] = {
+        "title": title, "text": text, "stemmed": porter(flat),
+        "stemmed_snowball": analyzers["english"](flat),
+        "title_stemmed": porter(title), "text_stemmed": porter(text)}
+    if vector is not None:
+        src["embedding"] = [float(v) for v in vector]
+    return src
+
+
 def index_fingerprint(*, n_docs: int, encoder_name: str, dim: int) -> str:
     """What an index was built from; an index with another fingerprint is rebuilt."""
     return f"scifact.v1;docs={n_docs};analyzer=porter+snowball.lucene-stop.v2;enc={encoder_name}:{dim}"
@@ -312,19 +332,16 @@ def index_corpus(client: Elasticsearch, *, index: str, corpus: Mapping[str, tupl
     te = time.perf_counter()
     vectors = encoder.encode([f"{corpus[i][0]} {corpus[i][1]}".strip() for i in ids])
     embed_seconds = time.perf_counter() - te
-    porter, snowball = Analyzer(stemmer="porter"), Analyzer(stemmer="english")
+    analyzers = default_analyzers()
 
     def actions() -> Iterator[dict[str, Any]]:
         for i, vec in zip(ids, vectors):
             title, text = corpus[i]
-            flat = f"{title} {text}"
-            yield {"_op_type": "index", "_index": index, "_id": i, "_source": {
-                "title": title, "text": text, "stemmed": porter(flat),
-                "stemmed_snowball": snowball(flat), "title_stemmed": porter(title),
-                "text_stemmed": porter(text), "embedding": vec.tolist()}}
+            yield {"_op_type": "index", "_index": index, "_id": i,
+                   "_source": doc_source(title, text, analyzers=analyzers, vector=vec)}
 
-    ok, errors = helpers.bulk(client, actions(), chunk_size=chunk_size, raise_on_error=False,
-                              request_timeout=120)
+    ok, errors = helpers.bulk(client.options(request_timeout=120), actions(),
+                              chunk_size=chunk_size, raise_on_error=False)
     if errors:
         raise IngestError(f"{len(errors)} SciFact documents failed to index; first: {errors[0]}")
     client.indices.put_settings(index=index, settings={"index.refresh_interval": "1s"})
@@ -364,8 +381,7 @@ def run_arms(client: Elasticsearch, *, index: str, registry: TemplateRegistry,
     All arms of ``batch_queries`` queries go in one ``_msearch`` (MultiSearch, local
     rendering). A failed arm raises: a benchmark with a silently missing arm would lie.
     """
-    analyzers: dict[StemmerName, Analyzer] = {"porter": Analyzer(stemmer="porter"),
-                                              "english": Analyzer(stemmer="english")}
+    analyzers = default_analyzers()
     ms = MultiSearch(client, index=index, registry=registry, mode="local", arm_timeout="60s",
                      request_timeout_s=300.0)
     qids = list(queries)
@@ -464,6 +480,8 @@ class BeirReport:
     rescorer: dict[str, Any] | None
     timings: dict[str, float]
     published_ndcg10: dict[str, float] = field(default_factory=lambda: dict(PUBLISHED_NDCG10))
+    #: The rankings themselves (pipeline -> query id -> doc ids); not written to the JSON.
+    runs: dict[str, dict[str, list[str]]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "split": self.split, "index": self.index,
@@ -526,7 +544,7 @@ def run_benchmark(client: Elasticsearch, *, data_dir: Path, index: str, encoder:
     return BeirReport(dataset=str(data_dir), split=split, index=index, pipelines=pipelines,
                       config=config, indexing=indexing, rescorer=rescorer_info,
                       timings={"search_s": round(search_s, 2), "train_s": round(train_s, 2),
-                               "index_s": indexing["seconds"]})
+                               "index_s": indexing["seconds"]}, runs=runs)
 
 
 def format_table(report: BeirReport) -> str:
