@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import numbers
 import time
 import uuid
 import zlib
@@ -107,6 +108,8 @@ RESILIENCE_DEFAULTS: dict[str, Any] = {
     "fallback_max_age_s": 600.0, "spool_dir": None, "redis_retry_s": 1.0,
     "impression_cache_size": 5000,
 }
+#: Largest candidate budget a caller may ask for (the settings' ``bandit.total_budget`` bound).
+MAX_TOTAL_BUDGET = 1000
 #: Pseudo-action of the event logged when a response had no results (see ``rewards``).
 EMPTY_ACTION = "empty"
 
@@ -193,17 +196,47 @@ def _rescorer_label(rescorer: Any) -> str:
     return f"{name}.v{version}" if version else name
 
 
+#: Context fields: integer ones and text ones (with their length limits).
+_CONTEXT_INTS = ("hour", "weekday")
+_CONTEXT_TEXT = {"device": 32, "locale": 16, "user_segment": 64, "user_id": 128}
+
+
+def check_text(value: Any, name: str, *, max_chars: int | None = None,
+               error: type[Exception] = QueryValidationError) -> str:
+    """``value`` as text, or ``error`` saying why not: not a string, too long, or not valid
+    Unicode (a lone surrogate cannot be sent to Elasticsearch or Redis)."""
+    if not isinstance(value, str):
+        raise error(f"{name} must be a string, got {type(value).__name__}")
+    if max_chars is not None and len(value) > max_chars:
+        raise error(f"{name} is {len(value)} characters; the limit is {max_chars}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"{name} is not valid Unicode text (lone surrogate)") from None
+    return value
+
+
 def _coerce_context(context: RequestContext | Mapping[str, Any] | None,
                     now: _dt.datetime | None = None) -> RequestContext:
     if isinstance(context, RequestContext):
         ctx = context
     else:
+        if context is not None and not isinstance(context, Mapping):
+            raise QueryValidationError(
+                f"context must be a mapping of fields, got {type(context).__name__}")
         data = dict(context or {})
         known = {"hour", "weekday", "device", "locale", "user_segment", "user_id"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=repr)
         if unknown:
             raise QueryValidationError(f"unknown context field(s) {unknown}; known: {sorted(known)}")
         ctx = RequestContext(**data)
+    for name in _CONTEXT_INTS:
+        v = getattr(ctx, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            raise QueryValidationError(f"context.{name} must be an integer, got {type(v).__name__}")
+    for name, limit in _CONTEXT_TEXT.items():
+        if getattr(ctx, name) is not None:
+            check_text(getattr(ctx, name), f"context.{name}", max_chars=limit)
     if ctx.hour is not None and not 0 <= ctx.hour < 24:
         raise QueryValidationError(f"context.hour must be in [0, 23], got {ctx.hour}")
     if ctx.weekday is not None and not 0 <= ctx.weekday < 7:
@@ -539,9 +572,14 @@ class Orchestrator:
             Elasticsearch or Redis is down.
         """
         t0 = time.perf_counter()
-        q = validate_query(query, max_chars=self.max_query_chars)
-        if not isinstance(size, int) or not 1 <= size <= self.max_results:
+        q = check_text(validate_query(query, max_chars=self.max_query_chars), "query")
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.max_results:
             raise QueryValidationError(f"size must be in [1, {self.max_results}], got {size!r}")
+        if total_budget is not None and (
+                isinstance(total_budget, bool) or not isinstance(total_budget, numbers.Integral)
+                or not 1 <= total_budget <= MAX_TOTAL_BUDGET):
+            raise QueryValidationError(
+                f"total_budget must be an integer in [1, {MAX_TOTAL_BUDGET}], got {total_budget!r}")
         budget = max(total_budget or self.total_budget, size)
         ctx = _coerce_context(context)
         rid = str(uuid.uuid4())
@@ -753,6 +791,8 @@ class Orchestrator:
         ServiceUnavailableError
             Redis is down.
         """
+        check_text(request_id, "request_id", max_chars=256, error=InvalidFeedbackError)
+        check_text(item_id, "item_id", max_chars=1024, error=InvalidFeedbackError)
         set_request_id(request_id)
         if token is not None and self.signer is not None:
             self.signer.verify(token, request_id=request_id, client_id=client_id)
