@@ -13,9 +13,10 @@ is more than ``--p95-blowup`` times that of the first step.
 "Nothing lost": after the steps it compares what the clients were told with what Redis
 holds under the prefix:
 
-* feedback acknowledged (HTTP 200, ``duplicate == false``) == ``type=feedback`` entries of
-  the ``<prefix>events`` stream == members of the ``<prefix>fb:*`` dedupe sets;
-* retried feedback (same request, item, action) answered ``duplicate: true``, never stored;
+* feedback acknowledged (HTTP 200, ``duplicate == false``, not ``capped``) == ``type=feedback``
+  entries of the ``<prefix>events`` stream == members of the ``<prefix>fb:*`` dedupe sets,
+  after the server's durable spool (Redis writes made while Redis was slow) has drained;
+* retried feedback (same request, item, action) refused as a replay (409), never stored;
 * searches answered 200 (+ the warm-up searches) == ``type=impression`` stream entries.
 
 Usage::
@@ -26,8 +27,9 @@ Usage::
         --step-seconds 5 --no-stop --keep-keys --prefix test:abc: --out /tmp/smoke.json
 
 Prints a table and writes ``benchmarks/results/load.json``; exits 1 when anything was lost
-or a 5xx was served. Loopback only; Redis keys of the run are deleted afterwards unless
-``--keep-keys``. An API key for the server is sent as ``X-API-Key`` (``--api-key`` or env
+or a 5xx was served. The server's per-client feedback rate limit and influence cap are
+raised out of reach unless ``--server-limits`` (one locust process is one client).
+Loopback only; Redis keys of the run are deleted afterwards unless ``--keep-keys``. An API key for the server is sent as ``X-API-Key`` (``--api-key`` or env
 ``LTRR_LOAD_API_KEY``); the server itself reads its settings from the ``LTRR_*`` environment
 as usual. Locust runs in child processes because it monkey-patches the standard library with
 gevent on import.
@@ -56,6 +58,7 @@ import httpx
 import numpy as np
 
 from orchestrator.es_client import build_client
+from orchestrator.pipeline import EMPTY_ACTION
 from orchestrator.redis_client import build_redis
 from orchestrator.settings import OrchestratorSettings
 
@@ -138,6 +141,22 @@ def warm_up(url: str, workers: int, headers: dict[str, str]) -> int:
     return sum(1 for c in codes if c == 200)
 
 
+def wait_spool_drained(url: str, headers: dict[str, str], timeout: float = 30.0) -> str:
+    """``/healthz``'s spool status once no Redis write waits in the durable spool (or after
+    ``timeout``): acknowledged writes spooled while Redis was slow must reach Redis too."""
+    deadline = time.monotonic() + timeout
+    status = "unknown"
+    while True:
+        try:
+            status = str(httpx.get(url + "/healthz", headers=headers, timeout=10.0)
+                         .json().get("spool", "n/a"))
+        except (httpx.HTTPError, ValueError) as exc:
+            status = f"healthz failed: {exc}"
+        if status in ("ok", "n/a") or time.monotonic() > deadline:
+            return status
+        time.sleep(1.0)
+
+
 def run_step(*, users: int, url: str, seconds: int, stop_timeout: int, workdir: Path, tag: str,
              env: dict[str, str]) -> dict[str, Any]:
     """One headless locust process with ``users`` users for ``seconds``; returns its counts and
@@ -184,27 +203,36 @@ def step_stats(raw: dict[str, Any], *, users: int, seconds: int, warmup_s: float
     }
 
 
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def count_stored(redis_client: Any, prefix: str) -> dict[str, int]:
-    """What Redis holds under ``prefix``: stream entries by type, dedupe-set members."""
-    by_type: dict[str, int] = {}
+    """What Redis holds under ``prefix``: stream entries by type (user feedback apart from
+    the ``empty`` observations the server logs itself for searches without results) and the
+    members of the dedupe sets (same split)."""
+    counts = {"stream_feedback": 0, "stream_empty": 0, "stream_impression": 0,
+              "dedupe_members": 0, "dedupe_empty": 0}
     start = "-"
     key = prefix + "events"
     while True:
         batch = redis_client.xrange(key, min=start, count=5000)
-        for _, fields in batch:
-            t = fields.get(b"type", fields.get("type"))
-            t = t.decode() if isinstance(t, bytes) else str(t)
-            by_type[t] = by_type.get(t, 0) + 1
+        for _, raw in batch:
+            fields = {_text(k): _text(v) for k, v in raw.items()}
+            if fields.get("type") == "impression":
+                counts["stream_impression"] += 1
+            elif fields.get("type") == "feedback":
+                action = json.loads(fields.get("data", "{}")).get("action")
+                counts["stream_empty" if action == EMPTY_ACTION else "stream_feedback"] += 1
         if len(batch) < 5000:
             break
-        last = batch[-1][0]
-        last = last.decode() if isinstance(last, bytes) else last
-        start = "(" + last
-    dedupe = sum(int(redis_client.scard(k))
-                 for k in redis_client.scan_iter(match=prefix + "fb:*", count=1000))
-    return {"stream_feedback": by_type.get("feedback", 0),
-            "stream_impression": by_type.get("impression", 0),
-            "stream_len": int(redis_client.xlen(key)), "dedupe_members": dedupe}
+        start = "(" + _text(batch[-1][0])
+    for k in redis_client.scan_iter(match=prefix + "fb:*", count=1000):
+        for m in redis_client.smembers(k):
+            empty = _text(m).endswith("\x1f" + EMPTY_ACTION)
+            counts["dedupe_empty" if empty else "dedupe_members"] += 1
+    counts["stream_len"] = int(redis_client.xlen(key))
+    return counts
 
 
 def saturated(steps: list[dict[str, Any]], gain: float, blowup: float) -> str | None:
@@ -237,7 +265,15 @@ HEADER = (f"{'workers':>7} {'users':>5} {'req/s':>8} {'search/s':>8} "
 
 def run_config(*, workers: int, args: argparse.Namespace, base_env: dict[str, str], prefix: str,
                redis_client: Any, workdir: Path, headers: dict[str, str]) -> dict[str, Any]:
-    env = {**base_env, "LTRR_REDIS__KEY_PREFIX": prefix, "LTRR_ES__CATALOG_ALIAS": args.alias}
+    spool_dir = workdir / f"spool-w{workers}"
+    env = {**base_env, "LTRR_REDIS__KEY_PREFIX": prefix, "LTRR_ES__CATALOG_ALIAS": args.alias,
+           "LTRR_RESILIENCE__SPOOL_DIR": str(spool_dir)}
+    if not args.server_limits:
+        # One locust process is one client (one address) sending far beyond what the per-client
+        # abuse limits allow a real user: raise them out of reach, so the test measures
+        # capacity while the limiter and influence-cap code still runs on every request.
+        env |= {"LTRR_SECURITY__FEEDBACK_RATE_LIMIT": str(10**9),
+                "LTRR_SECURITY__INFLUENCE_CAP": str(10**12)}
     server = Server(workers=workers, env=env, log_path=workdir / f"server-w{workers}.log")
     steps: list[dict[str, Any]] = []
     reason = None
@@ -265,8 +301,11 @@ def run_config(*, workers: int, args: argparse.Namespace, base_env: dict[str, st
             print(fmt_row(workers, st), flush=True)
             if reason and not args.no_stop:
                 break
+        spool = wait_spool_drained(server.url, headers)
     finally:
         server.stop()
+    spool_left = sum(len(f.read_text().splitlines()) for f in spool_dir.glob("*.jsonl")) \
+        if spool_dir.exists() else 0
     sums: dict[str, int] = {}
     for st in steps:
         for k, v in st["counts"].items():
@@ -277,10 +316,15 @@ def run_config(*, workers: int, args: argparse.Namespace, base_env: dict[str, st
         "feedback_stored_stream": stored["stream_feedback"],
         "feedback_stored_dedupe_sets": stored["dedupe_members"],
         "feedback_sent": sums.get("feedback_sent", 0),
+        "feedback_acked_capped": sums.get("feedback_acked_capped", 0),
+        "rate_limited_429": sums.get("rate_limited", 0),
+        "spool_at_end": spool, "spool_records_left": spool_left,
         "retries_sent": sums.get("retries_sent", 0),
         "retries_answered_duplicate": sums.get("retries_duplicate", 0),
         "retries_answered_not_duplicate": sums.get("retries_not_duplicate", 0),
         "searches_ok_client": sums.get("searches_ok", 0), "warmup_searches_ok": warm,
+        "searches_empty_client": sums.get("searches_empty", 0),
+        "empty_observations_stored": stored["stream_empty"],
         "impressions_stored_stream": stored["stream_impression"],
         "stream_len": stored["stream_len"],
     }
@@ -329,6 +373,9 @@ def main() -> int:
     ap.add_argument("--no-stop", action="store_true", help="run every step, even past saturation")
     ap.add_argument("--api-key", default=os.environ.get("LTRR_LOAD_API_KEY"),
                     help="sent as X-API-Key (default: env LTRR_LOAD_API_KEY)")
+    ap.add_argument("--server-limits", action="store_true",
+                    help="keep the server's per-client feedback rate limit and influence cap "
+                         "(default: raised out of reach, one locust process being one client)")
     ap.add_argument("--prefix", default=None,
                     help="Redis key prefix base (default load:<run id>:); each worker count "
                          "gets <prefix>w<N>:")
@@ -376,6 +423,7 @@ def main() -> int:
               f"; saturation: {sat['reason'] or 'not reached'}")
         print(f"  feedback acked (client) {cons['feedback_acked_client']} | stored: stream "
               f"{cons['feedback_stored_stream']}, dedupe sets {cons['feedback_stored_dedupe_sets']}"
+              f" (+{cons['feedback_acked_capped']} capped, not stored by design)"
               f" | retries {cons['retries_sent']} -> duplicate {cons['retries_answered_duplicate']}"
               f" | searches ok {cons['searches_ok_client']} + warm-up {cons['warmup_searches_ok']}"
               f" vs impressions stored {cons['impressions_stored_stream']}"

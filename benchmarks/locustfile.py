@@ -11,14 +11,15 @@ titles and artist names of ``playlists_dev.csv``) and a context, ``POST /search`
 then with probability ``LTRR_LOAD_P_FEEDBACK`` sends ``POST /feedback`` on one of the shown
 items (rank-biased choice, action click or play, with the response's ``"token"`` when the
 server issues one). With probability ``LTRR_LOAD_P_RETRY`` it sends the same feedback again,
-as a client retry would; the server must answer ``duplicate: true`` and store nothing more.
+as a client retry would; the server must refuse it as a replay (409, or ``duplicate: true``)
+and store nothing more.
 
 Environment (all optional):
 
 ``LTRR_LOAD_OUT``
     JSON file this process writes when it quits: client-side counts (searches answered 200,
-    feedback acknowledged = HTTP 200 with ``duplicate == false``, retries acknowledged as
-    duplicates ...) and one sample per request ``[endpoint, start_unix_s, ms, status]``.
+    feedback acknowledged = HTTP 200 with ``duplicate == false`` and not ``capped``, retries
+    answered as duplicates (409, or 200 with ``duplicate == true``), 429s ...) and one sample per request ``[endpoint, start_unix_s, ms, status]``.
 ``LTRR_LOAD_API_KEY``
     Sent as ``X-API-Key`` on every request.
 ``LTRR_LOAD_DATA``
@@ -85,9 +86,10 @@ HEADERS = {"X-API-Key": os.environ["LTRR_LOAD_API_KEY"]} if os.environ.get("LTRR
 #: Client-side counts of this locust process, written at exit.
 COUNTS: dict[str, int] = {
     "searches_sent": 0, "searches_ok": 0, "searches_empty": 0,
-    "feedback_sent": 0, "feedback_acked": 0, "feedback_acked_duplicate": 0,
+    "feedback_sent": 0, "feedback_acked": 0, "feedback_acked_capped": 0,
+    "feedback_acked_duplicate": 0,
     "retries_sent": 0, "retries_duplicate": 0, "retries_not_duplicate": 0,
-    "errors": 0, "errors_5xx": 0, "errors_transport": 0,
+    "rate_limited": 0, "errors": 0, "errors_5xx": 0, "errors_transport": 0,
 }
 #: One row per request: [endpoint, start (unix s), latency ms, HTTP status (0: no response)].
 SAMPLES: list[list[Any]] = []
@@ -95,6 +97,8 @@ _USER_IDS = itertools.count()
 
 
 def _note_error(status: int) -> None:
+    if status == 429:
+        COUNTS["rate_limited"] += 1
     COUNTS["errors"] += 1
     if status >= 500:
         COUNTS["errors_5xx"] += 1
@@ -113,14 +117,18 @@ class SearchFeedbackUser(FastHttpUser):
         self.uid = next(_USER_IDS)
         self.rng = random.Random(SEED * 1_000_003 + self.uid)
 
-    def _post(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-        """POST, record the sample, return (status, JSON body or None)."""
+    def _post(self, endpoint: str, body: dict[str, Any], *,
+              expect: int = 200) -> tuple[int, dict[str, Any] | None]:
+        """POST, record the sample, return (status, JSON body or None). ``expect`` is the
+        status that counts as success besides 200 (409 for a retried feedback)."""
         t0 = time.time()
         status, payload = 0, None
         with self.client.post(endpoint, json=body, headers=HEADERS, name=endpoint,
                               catch_response=True) as resp:
             status = int(resp.status_code or 0)
-            if status == 200:
+            if status == expect != 200:
+                resp.success()
+            elif status == 200:
                 try:
                     payload = resp.json()
                     resp.success()
@@ -161,19 +169,23 @@ class SearchFeedbackUser(FastHttpUser):
         if status != 200 or ack is None:
             _note_error(status)
             return
-        if ack.get("duplicate") is False:
-            COUNTS["feedback_acked"] += 1
-        else:
+        if ack.get("duplicate") is not False:
             COUNTS["feedback_acked_duplicate"] += 1
+        elif ack.get("capped"):  # acknowledged, deliberately not applied (influence cap)
+            COUNTS["feedback_acked_capped"] += 1
+        else:
+            COUNTS["feedback_acked"] += 1
         if rng.random() < P_RETRY:
+            # A client retry of the same feedback: 409 (replay refused), or 200 with
+            # duplicate == true from servers without the 409; never counted twice.
             COUNTS["retries_sent"] += 1
-            status, again = self._post("/feedback", body)
-            if status != 200 or again is None:
-                _note_error(status)
-            elif again.get("duplicate") is True:
+            status, again = self._post("/feedback", body, expect=409)
+            if status == 409 or (status == 200 and again and again.get("duplicate") is True):
                 COUNTS["retries_duplicate"] += 1
-            else:
+            elif status == 200:
                 COUNTS["retries_not_duplicate"] += 1
+            else:
+                _note_error(status)
 
 
 @events.quitting.add_listener
