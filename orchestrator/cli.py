@@ -398,6 +398,7 @@ def simulate(
                       "p_play": p_play, **({"eta": eta} if click_model == "pbm" else {})},
         total_budget=budget, policies=[p.strip() for p in policies.split(",")] if policies else None,
         oracle=oracle, calibration_per_type=calibration, genres=genres, keep_state=keep_state,
+        command=" ".join(["ltrr", *sys.argv[1:]]),
     )
     sim = Simulation(cfg, s, es=client, redis=r, alias=alias)
     typer.echo(f"run {sim.run_id}: {rounds} rounds, arms {sim.arms}, sources {sim.sources.sizes()}")

@@ -76,37 +76,50 @@ class SimQuery:
 
 def misspell(text: str, rng: np.random.Generator, *, n_edits: int = 1) -> str:
     """``n_edits`` realistic typos: keyboard-neighbour substitution, dropped, doubled or
-    transposed letter, each at a random letter position (never the first letter: people
-    rarely get that wrong, and prefix-anchored fuzzy matching assumes it). Text without an
-    editable letter is returned unchanged."""
+    transposed letter, each at a random letter position after the first letter (people
+    rarely get that wrong, and prefix-anchored fuzzy matching assumes it). An edit that
+    would leave the text unchanged (swapping two equal letters) is drawn again. Text
+    without an editable letter is returned unchanged."""
     chars = list(text)
     for _ in range(n_edits):
-        first = next((i for i, c in enumerate(chars) if c.isalpha()), len(chars))
-        pos = [i for i, c in enumerate(chars) if i > first and c.isalpha()]
-        if not pos:
-            break
-        i = int(rng.choice(pos))
-        kind = int(rng.integers(4))
-        c = chars[i]
-        if kind == 0:
-            near = KEYBOARD_NEIGHBOURS.get(c.lower())
-            if near:
-                sub = near[int(rng.integers(len(near)))]
-                chars[i] = sub.upper() if c.isupper() else sub
-            else:
-                del chars[i]
-        elif kind == 1:
-            del chars[i]
-        elif kind == 2:
-            chars.insert(i, c)
-        else:
-            j = i + 1 if i + 1 < len(chars) and chars[i + 1].isalpha() else i - 1
-            if j <= first:
-                del chars[i]
-            else:
-                chars[i], chars[j] = chars[j], chars[i]
+        for _attempt in range(8):
+            edited = _one_edit(chars, rng)
+            if edited is None:
+                return "".join(chars).strip() or text
+            if edited != chars:
+                chars = edited
+                break
     out = "".join(chars).strip()
     return out or text
+
+
+def _one_edit(chars: list[str], rng: np.random.Generator) -> list[str] | None:
+    first = next((i for i, c in enumerate(chars) if c.isalpha()), len(chars))
+    pos = [i for i, c in enumerate(chars) if i > first and c.isalpha()]
+    if not pos:
+        return None
+    out = list(chars)
+    i = int(rng.choice(pos))
+    kind = int(rng.integers(4))
+    c = out[i]
+    if kind == 0:
+        near = KEYBOARD_NEIGHBOURS.get(c.lower())
+        if near:
+            sub = near[int(rng.integers(len(near)))]
+            out[i] = sub.upper() if c.isupper() else sub
+        else:
+            del out[i]
+    elif kind == 1:
+        del out[i]
+    elif kind == 2:
+        out.insert(i, c)
+    else:
+        j = i + 1 if i + 1 < len(out) and out[i + 1].isalpha() else i - 1
+        if j <= first:
+            del out[i]
+        else:
+            out[i], out[j] = out[j], out[i]
+    return out
 
 
 def partial(text: str, rng: np.random.Generator) -> str:
@@ -237,11 +250,15 @@ def load_known_items(data_dir: Path, *, genres: set[str] | None = None,
     return items
 
 
-def load_tag_queries(data_dir: Path, *, catalog_artists: set[str] | None = None,
-                     min_artists: int = 5, min_users: int = 2, max_tags: int = 300) -> list[SimQuery]:
-    """Last.fm tags as queries: relevant = the artists at least ``min_users`` users tagged
-    with it, graded ``1 + [>= 5 users] + [>= 20 users]``, kept when the catalog has the
-    artist (``catalog_artists``: folded names; default: every Spotify artist)."""
+def load_tag_queries(data_dir: Path, *, artist_tracks: Mapping[str, set[str]] | None = None,
+                     min_artists: int = 5, min_users: int = 2, max_tags: int = 300,
+                     track_grade: bool = True) -> list[SimQuery]:
+    """Last.fm tags as queries. The wanted items are the artists at least ``min_users``
+    users tagged with it, graded ``2 + [>= 5 users] + [>= 20 users]``; with ``track_grade``
+    the tracks of those artists are relevant too, at grade 1 (someone typing "doom metal"
+    is also served by a doom metal track). Only artists the catalog has count
+    (``artist_tracks``: folded artist name -> its track ids; default: from the Spotify
+    sources, as the catalog builds them)."""
     folder = Path(data_dir) / "lastfm-hetrec2011"
     if not folder.is_dir():
         raise ConfigurationError(f"no Last.fm data under {folder}")
@@ -254,8 +271,8 @@ def load_tag_queries(data_dir: Path, *, catalog_artists: set[str] | None = None,
                 if len(parts) >= 2:
                     yield parts
 
-    if catalog_artists is None:
-        catalog_artists = spotify_artist_names(data_dir)
+    if artist_tracks is None:
+        artist_tracks = spotify_artist_tracks(data_dir)
     names = {p[0]: p[1].strip() for p in rows("artists.dat")}
     tags = {p[0]: p[1].strip().lower() for p in rows("tags.dat", "latin-1")}
     counts: dict[str, Counter[str]] = defaultdict(Counter)
@@ -264,34 +281,44 @@ def load_tag_queries(data_dir: Path, *, catalog_artists: set[str] | None = None,
             counts[p[2]][names[p[1]]] += 1
     out: list[tuple[int, SimQuery]] = []
     for tag_id, c in counts.items():
-        rel = {artist_id(a): 1 + int(n >= 5) + int(n >= 20) for a, n in c.items()
-               if n >= min_users and fold(a) in catalog_artists}
+        artists = {a: n for a, n in c.items() if n >= min_users and fold(a) in artist_tracks}
         tag = tags[tag_id]
-        if len(rel) >= min_artists and len(tag) >= 2:
-            out.append((sum(c.values()), SimQuery(f"tag:{tag_id}", tag, "tag", dict(sorted(rel.items())),
-                                                  target=f"tag {tag!r} ({len(rel)} artists)")))
+        if len(artists) < min_artists or len(tag) < 2:
+            continue
+        rel: dict[str, int] = {}
+        if track_grade:
+            for a in artists:
+                rel.update(dict.fromkeys(artist_tracks[fold(a)], 1))
+        rel.update({artist_id(a): 2 + int(n >= 5) + int(n >= 20) for a, n in artists.items()})
+        out.append((sum(c.values()), SimQuery(f"tag:{tag_id}", tag, "tag", dict(sorted(rel.items())),
+                                              target=f"tag {tag!r} ({len(artists)} artists)")))
     out.sort(key=lambda x: (-x[0], x[1].qid))
     logger.info("tag queries: %d (of %d tags)", min(len(out), max_tags), len(out))
     return [q for _, q in out[:max_tags]]
 
 
-def spotify_artist_names(data_dir: Path) -> set[str]:
-    """Folded names of every artist in the Spotify sources (the catalog's artists)."""
-    names: set[str] = set()
+def spotify_artist_tracks(data_dir: Path) -> dict[str, set[str]]:
+    """Folded artist name -> catalog ids of its tracks, for every artist of the Spotify
+    sources and the playlist files (the catalog's artists; every credited artist counts)."""
+    out: dict[str, set[str]] = defaultdict(set)
+
+    def add(name: str, tid: str) -> None:
+        if name.strip() and tid.strip():
+            out[fold(name.strip())].add(f"track:{tid.strip()}")
+
     for path in sorted((Path(data_dir) / "spotify-tracks-114k").glob("*.csv")):
         for row in _read_csv(path):
-            names.update(fold(a.strip()) for a in (row.get("artists") or "").split(";") if a.strip())
+            for a in (row.get("artists") or "").split(";"):
+                add(a, row.get("track_id") or "")
     for path in sorted((Path(data_dir) / "spotify-api-2024").glob("*.csv")):
         for row in _read_csv(path):
-            if (row.get("artist_name") or "").strip():
-                names.add(fold(row["artist_name"].strip()))
+            add(row.get("artist_name") or "", row.get("track_id") or "")
     for name in ("playlists_dev.csv", "playlist_tracks_extra.csv"):
         p = Path(data_dir) / name
         if p.is_file():
             for row in _read_csv(p):
-                if (row.get("track_artist") or "").strip():
-                    names.add(fold(row["track_artist"].strip()))
-    return names
+                add(row.get("track_artist") or "", row.get("track_id") or "")
+    return dict(out)
 
 
 # -- the mixed stream ------------------------------------------------------------------------
@@ -360,7 +387,8 @@ class QueryStream:
     """A seeded stream of :class:`SimQuery`: at round ``t`` of ``n`` the query type is drawn
     from ``mix`` (or, with ``drift_to``, from the linear interpolation ``(1 - t/n) mix +
     t/n drift_to``), then a query of that type: playlists uniformly, known items weighted by
-    popularity (people look up popular things more), tags by how often users wrote them.
+    popularity (people look up popular things more), tags by the square root of
+    how many artists carry them.
 
     Parameters
     ----------
@@ -384,7 +412,9 @@ class QueryStream:
         self.p_typo, self.p_partial = p_typo, p_partial
         ki = np.asarray([max(k.popularity, 1.0) for k in sources.known_items])
         self._ki_p = ki / ki.sum() if len(ki) else ki
-        tg = np.asarray([sum(q.relevant.values()) for q in sources.tags], dtype=float)
+        # tags weighted by sqrt(#artists carrying them): popular tags are typed more often
+        tg = np.asarray([sum(1 for g in q.relevant.values() if g >= 2) or len(q.relevant)
+                         for q in sources.tags], dtype=float)
         self._tag_p = np.sqrt(tg) / np.sqrt(tg).sum() if len(tg) else tg
         available = {t for t, n in sources.sizes().items() if n > 0}
         for name, m in (("mix", self.mix), ("drift", self.drift_to or {})):

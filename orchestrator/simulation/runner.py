@@ -84,6 +84,10 @@ class SimConfig:
     genres: list[str] | None = None
     keep_state: bool = False
     run_id: str = ""
+    #: The command line that started the run (recorded in the report).
+    command: str = ""
+    #: Redis keys of the run live under ``<prefix_root><run id>:<policy>:``.
+    prefix_root: str = "sim:"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,7 +206,7 @@ class Simulation:
     # -- construction --------------------------------------------------------------------
     def prefix(self, policy: str) -> str:
         safe = policy.replace(":", "_")
-        return f"sim:{self.run_id}:{safe}:"
+        return f"{self.config.prefix_root}{self.run_id}:{safe}:"
 
     def _build(self, spec: PolicySpec, *, index: int, plan: Mapping[str, int] | None = None,
                suffix: str = "") -> Orchestrator:
@@ -394,7 +398,7 @@ class Simulation:
     def cleanup(self) -> int:
         """Delete every Redis key of this run. Returns how many."""
         n = 0
-        for key in self.redis.scan_iter(match=f"sim:{self.run_id}:*", count=1000):
+        for key in self.redis.scan_iter(match=f"{self.config.prefix_root}{self.run_id}:*", count=1000):
             n += int(self.redis.delete(key))
         logger.info("deleted %d simulation keys of run %s", n, self.run_id)
         return n
