@@ -5,6 +5,7 @@ from the real data, and the report."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -405,3 +406,30 @@ def test_report_structure_verdicts_and_plots(tmp_path: Path):
                           "success_by_type.png"}
     for f in files:
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_ope_command_reads_a_round_log(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.simulation.report import write_rounds
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in range(300):
+        q = "tag" if t % 3 else "playlist"
+        size = int(rng.integers(1, 3))
+        arms = sorted(rng.choice(["a.v1", "b.v1"], size=size, replace=False).tolist())
+        r = _row(t, "random", q, float(rng.random() < (0.7 if "a.v1" in arms else 0.2)), arms)
+        r["subset_propensity"] = ope.uniform_subset_propensity(2, size, max_arms=2)
+        rows.append(r)
+        rows.append(_row(t, "arm:a.v1", q, float(rng.random() < 0.7), ["a.v1"]))
+    write_rounds(rows, tmp_path / "rounds.jsonl.gz")
+    res = CliRunner().invoke(app, ["evaluate", "ope", "--log", str(tmp_path / "rounds.jsonl.gz"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    est = out["random"]["ndcg"]["targets"]["arm:a.v1"]
+    assert est["n_matched"] > 50
+    assert abs(est["snips"] - est["actual"]) < 0.15
+    missing = CliRunner().invoke(app, ["evaluate", "ope", "--log", str(tmp_path / "none.gz")])
+    assert missing.exit_code != 0
