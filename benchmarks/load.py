@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import signal
 import socket
@@ -53,9 +54,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 import numpy as np
+import psutil
 
 from orchestrator.es_client import build_client
 from orchestrator.pipeline import EMPTY_ACTION
@@ -139,6 +142,66 @@ def warm_up(url: str, workers: int, headers: dict[str, str]) -> int:
     with ThreadPoolExecutor(max_workers=2 * workers) as pool:
         codes = list(pool.map(one, body))
     return sum(1 for c in codes if c == 200)
+
+
+def listening_pid(port: int) -> int | None:
+    """The process listening on ``port`` (Elasticsearch), for CPU accounting; None if unknown."""
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                return int(c.pid)
+    except psutil.Error:
+        pass
+    return None
+
+
+def _tree_cpu_s(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                continue
+        return total
+    except psutil.Error:
+        return None
+
+
+class CpuMeter:
+    """Cores used during a step (CPU seconds / wall seconds): the whole machine, the API server's
+    process tree, Elasticsearch, and this script's finished children (the locust process);
+    ``other`` is the rest: Redis, the kernel and whatever else runs on the machine meanwhile."""
+
+    def __init__(self, *, server_pid: int, es_pid: int | None) -> None:
+        self.server_pid, self.es_pid = server_pid, es_pid
+
+    def _snap(self) -> dict[str, float | None]:
+        ct = psutil.cpu_times()
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {"wall": time.monotonic(),
+                "machine": sum(ct) - ct.idle - getattr(ct, "iowait", 0.0),
+                "server": _tree_cpu_s(self.server_pid), "es": _tree_cpu_s(self.es_pid),
+                "locust": kids.ru_utime + kids.ru_stime}
+
+    def start(self) -> None:
+        self._t0 = self._snap()
+
+    def stop(self) -> dict[str, float | None]:
+        t1, t0 = self._snap(), self._t0
+        wall = t1["wall"] - t0["wall"]  # type: ignore[operator]
+        out: dict[str, float | None] = {}
+        for k in ("machine", "server", "es", "locust"):
+            a, b = t0[k], t1[k]
+            out[k] = None if a is None or b is None else round((b - a) / wall, 2)
+        known = [out[k] for k in ("server", "es", "locust")]
+        out["other"] = (round(out["machine"] - sum(known), 2)  # type: ignore[operator, arg-type]
+                        if None not in known and out["machine"] is not None else None)
+        return out
 
 
 def wait_spool_drained(url: str, headers: dict[str, str], timeout: float = 30.0) -> str:
@@ -243,7 +306,8 @@ def saturated(steps: list[dict[str, Any]], gain: float, blowup: float) -> str | 
     if len(steps) >= 2:
         prev = steps[-2]
         if last["rps"] < prev["rps"] * (1 + gain):
-            return f"throughput +{(last['rps'] / max(prev['rps'], 1e-9) - 1) * 100:.1f}% < {gain * 100:.0f}%"
+            return (f"throughput {(last['rps'] / max(prev['rps'], 1e-9) - 1) * 100:+.1f}% "
+                    f"< +{gain * 100:.0f}%")
         first_p95 = steps[0]["search_ms"]["p95"]
         if last["search_ms"]["p95"] > blowup * first_p95:
             return f"search p95 {last['search_ms']['p95']:.0f} ms > {blowup:g}x {first_p95:.0f} ms"
@@ -255,16 +319,23 @@ def fmt_row(workers: int, s: dict[str, Any]) -> str:
     return (f"{workers:>7} {s['users']:>5} {s['rps']:>8.1f} {s['search_rps']:>8.1f} "
             f"{sm['p50']:>7.0f} {sm['p95']:>7.0f} {sm['p99']:>7.0f} "
             f"{fm['p50']:>7.0f} {fm['p95']:>7.0f} {fm['p99']:>7.0f} "
-            f"{s['errors']:>6} {s['loadavg_1m']:>6.2f}  {s.get('saturation') or ''}")
+            f"{s['errors']:>6} {_cores(s, 'machine')} {_cores(s, 'server')} {_cores(s, 'es')} "
+            f"{_cores(s, 'other')}  {s.get('saturation') or ''}")
+
+
+def _cores(s: dict[str, Any], key: str) -> str:
+    v = s.get("cpu_cores", {}).get(key)
+    return f"{v:>5.2f}" if v is not None else f"{'?':>5}"
 
 
 HEADER = (f"{'workers':>7} {'users':>5} {'req/s':>8} {'search/s':>8} "
           f"{'s p50':>7} {'s p95':>7} {'s p99':>7} {'fb p50':>7} {'fb p95':>7} {'fb p99':>7} "
-          f"{'errors':>6} {'load1':>6}  saturation")
+          f"{'errors':>6} {'cpu':>5} {'api':>5} {'es':>5} {'other':>5}  saturation")
 
 
 def run_config(*, workers: int, args: argparse.Namespace, base_env: dict[str, str], prefix: str,
-               redis_client: Any, workdir: Path, headers: dict[str, str]) -> dict[str, Any]:
+               redis_client: Any, workdir: Path, headers: dict[str, str],
+               es_pid: int | None) -> dict[str, Any]:
     spool_dir = workdir / f"spool-w{workers}"
     env = {**base_env, "LTRR_REDIS__KEY_PREFIX": prefix, "LTRR_ES__CATALOG_ALIAS": args.alias,
            "LTRR_RESILIENCE__SPOOL_DIR": str(spool_dir)}
@@ -287,14 +358,18 @@ def run_config(*, workers: int, args: argparse.Namespace, base_env: dict[str, st
                       "LTRR_LOAD_P_RETRY": str(args.p_retry), "LTRR_LOAD_SIZE": str(args.size)}
         if args.api_key:
             locust_env["LTRR_LOAD_API_KEY"] = args.api_key
+        meter = CpuMeter(server_pid=server.proc.pid, es_pid=es_pid)
         for users in args.users:
             load1 = os.getloadavg()[0]
+            meter.start()
             raw = run_step(users=users, url=server.url, seconds=args.step_seconds,
                            stop_timeout=args.stop_timeout, workdir=workdir,
                            tag=f"w{workers}-u{users}", env=locust_env)
+            cpu = meter.stop()
             st = step_stats(raw, users=users, seconds=args.step_seconds,
                             warmup_s=args.warmup_seconds)
             st["loadavg_1m"] = round(load1, 2)
+            st["cpu_cores"] = cpu
             steps.append(st)
             reason = saturated(steps, args.saturation_gain, args.p95_blowup)
             st["saturation"] = reason
@@ -397,9 +472,13 @@ def main() -> int:
     base_env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(HERE.parent)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
 
+    es_pid = listening_pid(urlparse(settings.es.url).port or 9200)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     print(f"catalog {args.alias}: {catalog_docs} docs; {os.cpu_count()} CPUs shared by "
           f"Elasticsearch, Redis, the API and locust; logs in {workdir}", flush=True)
+    print("latencies in ms (s = /search, fb = /feedback); cpu/api/es/other: cores used during "
+          "the step by the machine, the API server, Elasticsearch, everything else but locust",
+          flush=True)
     print(HEADER, flush=True)
     configs = []
     t_all = time.monotonic()
@@ -408,7 +487,7 @@ def main() -> int:
             prefix = f"{base_prefix}w{workers}:"
             configs.append(run_config(workers=workers, args=args, base_env=base_env,
                                       prefix=prefix, redis_client=redis_client, workdir=workdir,
-                                      headers=headers))
+                                      headers=headers, es_pid=es_pid))
     finally:
         if not args.keep_keys:
             for key in redis_client.scan_iter(match=base_prefix + "*", count=1000):
