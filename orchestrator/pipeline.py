@@ -793,6 +793,7 @@ class Orchestrator:
         """
         check_text(request_id, "request_id", max_chars=256, error=InvalidFeedbackError)
         check_text(item_id, "item_id", max_chars=1024, error=InvalidFeedbackError)
+        check_text(action, "action", max_chars=64, error=InvalidFeedbackError)
         set_request_id(request_id)
         if token is not None and self.signer is not None:
             self.signer.verify(token, request_id=request_id, client_id=client_id)
