@@ -77,24 +77,35 @@ LUCENE_ENGLISH_STOPWORDS: frozenset[str] = frozenset(
     "then there these they this to was will with".split()
 )
 
-#: Approximates Lucene's StandardTokenizer (UAX#29 words): runs of letters/digits, kept
-#: together across an inner apostrophe or period ("don't", "1.5", "e.g") and a comma between
-#: digits ("1,000"); every other character separates tokens.
-_TOKEN = re.compile(r"[^\W_]+(?:(?:['\u2019.]|(?<=\d),(?=\d))[^\W_]+)*", re.UNICODE)
+#: Approximates Lucene's StandardTokenizer (UAX#29 word boundaries): runs of letters and
+#: digits, kept together across an apostrophe, period or colon between two letters ("don't",
+#: "e.g", "doi:http"), a period or comma between two digits ("1.5", "1,000") and underscores;
+#: every other character separates tokens. On the first 500 SciFact documents it yields the
+#: same lowercased tokens as Elasticsearch's ``standard`` analyzer for all but a few symbols
+#: (tests/integration/test_beir_live.py measures the agreement).
+_TOKEN = re.compile(
+    r"[^\W_]+(?:(?:(?<=[^\W\d_])['\u2019.:](?=[^\W\d_])|(?<=\d)[.,](?=\d)|_+)[^\W_]+)*",
+    re.UNICODE)
 
 StemmerName = Literal["porter", "english"]
+#: Named analyzer set (:func:`default_analyzers`): Porter, Snowball English, Porter without
+#: stopwords (each with Lucene's English stop set unless named otherwise).
+AnalyzerName = Literal["porter", "english", "porter_nostop"]
 Split = Literal["train", "test"]
 
 #: The SciFact arms run for every evaluation, keyed by run name: (template id, extra params,
-#: stemmer of the query). ``lexical_stemmed_es_bm25`` (Elasticsearch's k1=1.2, b=0.75),
-#: ``lexical_stemmed_snowball`` (Snowball English instead of Porter) and
+#: analyzer of the query). ``lexical_stemmed_es_bm25`` (Elasticsearch's k1=1.2, b=0.75),
+#: ``lexical_stemmed_snowball`` (Snowball English instead of Porter),
+#: ``lexical_stemmed_nostop`` (Porter without stopwords, k1=1.2, b=0.75) and
 #: ``lexical_stemmed_2field`` (title and text as two fields, the BEIR paper's setting) are
 #: ablations that explain the differences between the published figures.
-LEXICAL_RUNS: dict[str, tuple[str, dict[str, Any], StemmerName | None]] = {
+LEXICAL_RUNS: dict[str, tuple[str, dict[str, Any], AnalyzerName | None]] = {
     "lexical": ("lexical.v1", {}, None),
     "lexical_stemmed": ("lexical_stemmed.v1", {"fields": ["stemmed.anserini"]}, "porter"),
     "lexical_stemmed_es_bm25": ("lexical_stemmed.v1", {"fields": ["stemmed"]}, "porter"),
     "lexical_stemmed_snowball": ("lexical_stemmed.v1", {"fields": ["stemmed_snowball"]}, "english"),
+    "lexical_stemmed_nostop": ("lexical_stemmed.v1", {"fields": ["stemmed_nostop"]},
+                               "porter_nostop"),
     "lexical_stemmed_2field": ("lexical_stemmed.v1", {"fields": ["title_stemmed", "text_stemmed"]},
                                "porter"),
 }
@@ -210,6 +221,10 @@ class Analyzer:
             tok = tok.replace("\u2019", "'")
             if tok and tok not in self.stopwords:
                 out.append(tok)
+        if self.stemmer_name == "porter":
+            # Lucene's PorterStemmer, like Porter's reference C code, leaves words of one or
+            # two letters alone ("us", "ms"); snowballstemmer's porter would stem "s" to "".
+            return [t if len(t) <= 2 else self._stemmer.stemWord(t) for t in out]
         return self._stemmer.stemWords(out) if out else []
 
     def __call__(self, text: str) -> str:
@@ -275,12 +290,13 @@ def evaluate(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, 
 # --- indexing ------------------------------------------------------------------------------
 
 
-def default_analyzers() -> dict[StemmerName, Analyzer]:
-    """One :class:`Analyzer` per stemmer, shared by indexing and querying."""
-    return {"porter": Analyzer(stemmer="porter"), "english": Analyzer(stemmer="english")}
+def default_analyzers() -> dict[AnalyzerName, Analyzer]:
+    """The named :class:`Analyzer` s, shared by indexing and querying."""
+    return {"porter": Analyzer(stemmer="porter"), "english": Analyzer(stemmer="english"),
+            "porter_nostop": Analyzer(stemmer="porter", stopwords=())}
 
 
-def doc_source(title: str, text: str, *, analyzers: Mapping[StemmerName, Analyzer],
+def doc_source(title: str, text: str, *, analyzers: Mapping[AnalyzerName, Analyzer],
                vector: Sequence[float] | None = None) -> dict[str, Any]:
     """The ``_source`` of one SciFact document (see ``mappings/scifact.v1.json``): the raw
     fields, title + text stemmed with each stemmer, title and text stemmed apart, the vector."""
@@ -289,6 +305,7 @@ def doc_source(title: str, text: str, *, analyzers: Mapping[StemmerName, Analyze
     src: dict[str, Any] = {
         "title": title, "text": text, "stemmed": porter(flat),
         "stemmed_snowball": analyzers["english"](flat),
+        "stemmed_nostop": analyzers["porter_nostop"](flat),
         "title_stemmed": porter(title), "text_stemmed": porter(text)}
     if vector is not None:
         src["embedding"] = [float(v) for v in vector]
@@ -297,7 +314,7 @@ def doc_source(title: str, text: str, *, analyzers: Mapping[StemmerName, Analyze
 
 def index_fingerprint(*, n_docs: int, encoder_name: str, dim: int) -> str:
     """What an index was built from; an index with another fingerprint is rebuilt."""
-    return f"scifact.v1;docs={n_docs};analyzer=porter+snowball.lucene-stop.v2;enc={encoder_name}:{dim}"
+    return f"scifact.v1;docs={n_docs};analyzer=porter+snowball+nostop.lucene-stop.v4;enc={encoder_name}:{dim}"
 
 
 def index_corpus(client: Elasticsearch, *, index: str, corpus: Mapping[str, tuple[str, str]],
@@ -356,15 +373,15 @@ def index_corpus(client: Elasticsearch, *, index: str, corpus: Mapping[str, tupl
 
 
 def build_requests(query: str, *, vector: Sequence[float] | None,
-                   analyzers: Mapping[StemmerName, Analyzer], size: int = 100) -> list[ArmRequest]:
+                   analyzers: Mapping[AnalyzerName, Analyzer], size: int = 100) -> list[ArmRequest]:
     """The SciFact arm requests of one query: every run of :data:`LEXICAL_RUNS` plus the
     semantic arm when ``vector`` is given."""
     reqs = []
-    for name, (template_id, extra, stemmer) in LEXICAL_RUNS.items():
-        if stemmer is None:
+    for name, (template_id, extra, analyzer) in LEXICAL_RUNS.items():
+        if analyzer is None:
             params: dict[str, Any] = {"query": query, "size": size}
         else:
-            params = {"stemmed_query": analyzers[stemmer](query), "size": size, **extra}
+            params = {"stemmed_query": analyzers[analyzer](query), "size": size, **extra}
         reqs.append(ArmRequest(name, template_id, params))
     if vector is not None:
         reqs.append(ArmRequest("semantic", "semantic.v1", {
@@ -534,7 +551,7 @@ def run_benchmark(client: Elasticsearch, *, data_dir: Path, index: str, encoder:
     config = {
         "size_per_arm": size, "rrf_k": RRF_K, "hybrid_arms": list(HYBRID_ARMS),
         "rescorer_arms": list(RESCORER_ARMS), "encoder": f"{encoder_name}:{encoder.dim}",
-        "runs": {n: {"template": t, **{k: v for k, v in extra.items()}, "query_stemmer": s}
+        "runs": {n: {"template": t, **{k: v for k, v in extra.items()}, "query_analyzer": s}
                  for n, (t, extra, s) in LEXICAL_RUNS.items()},
         "analyzer": "UAX#29-like regex tokens, possessive strip, lowercase, Lucene English "
                     "stopwords (33), snowballstemmer porter / english",

@@ -54,3 +54,25 @@ def test_scifact_pipelines_live(es, settings, test_alias) -> None:
                               encoder=encoder, mappings_dir=settings.ingest.mappings_dir,
                               encoder_name=settings.embedding.backend)
     assert again["reused"]
+
+
+def test_client_tokenizer_agrees_with_standard_analyzer(es) -> None:
+    """The client-side tokenizer stands in for Lucene's StandardTokenizer: on real SciFact
+    documents its lowercased tokens match Elasticsearch's ``standard`` analyzer's."""
+    import difflib
+
+    if not (DATA / "corpus.jsonl").is_file():
+        pytest.skip(f"no SciFact data in {DATA}")
+    docs = list(beir.load_beir(DATA).corpus.values())[:300]
+    total = differing = identical = 0
+    for title, text in docs:
+        flat = f"{title} {text}"
+        theirs = [t["token"] for t in es.indices.analyze(analyzer="standard", text=flat)["tokens"]]
+        ours = [m.group(0).lower() for m in beir._TOKEN.finditer(flat)]
+        total += len(theirs)
+        identical += theirs == ours
+        ops = difflib.SequenceMatcher(a=theirs, b=ours, autojunk=False).get_opcodes()
+        differing += sum(max(i2 - i1, j2 - j1) for op, i1, i2, j1, j2 in ops if op != "equal")
+    assert total > 50_000
+    assert differing / total < 0.001
+    assert identical >= 0.97 * len(docs)

@@ -74,6 +74,11 @@ def test_analyzer_tokenises_like_lucene_english() -> None:
     # decimals / thousands / inner apostrophes kept in one token
     assert toks == ["mice", "run", "1.5", "mg", "kg", "don't", "gener", "1,000", "cell"]
     assert a("The of and") == ""
+    # UAX#29 joins letter:letter and letter.letter, not letter.digit (a reference mark);
+    # Porter leaves one- and two-letter words alone, as Lucene's PorterStemmer does
+    assert beir.Analyzer(stemmer="porter", stopwords=()).tokens(
+        "background:chronic aging.1 e.g. the_end cd33's us") == [
+        "background:chron", "ag", "1", "e.g", "the_end", "cd33", "s", "us"]
 
 
 def test_porter_and_snowball_differ_where_expected() -> None:
