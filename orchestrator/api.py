@@ -218,6 +218,14 @@ def _client_id(request: Request) -> str:
 ClientId = Annotated[str, Depends(_client_id)]
 
 
+def _bind_request_id(request: Request, request_id: Any) -> None:
+    """Make ``request_id`` the id of this HTTP request (logs, ``X-Request-ID``) if it is a
+    safe token; hostile ids (newlines, huge) are ignored, never echoed into headers."""
+    if isinstance(request_id, str) and _REQUEST_ID_RE.fullmatch(request_id):
+        request.state.request_id = request_id
+        set_request_id(request_id)
+
+
 def _error(exc: Exception, status: int, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": type(exc).__name__, "detail": str(exc), **extra},
                         status_code=status)
@@ -283,7 +291,7 @@ def create_app(orchestrator: Orchestrator | None = None, *, settings: Any = None
         endpoint = _endpoint(request)
         metrics.requests.labels(endpoint, str(status)).inc()
         metrics.http_latency.labels(endpoint).observe(elapsed)
-        final_rid = response.headers.get("x-request-id") or rid
+        final_rid = getattr(request.state, "request_id", None) or rid
         response.headers["X-Request-ID"] = final_rid
         set_request_id(final_rid)
         access_logger.info("%s %s %d %.1fms", request.method, endpoint, status, elapsed * 1000,
@@ -295,6 +303,7 @@ def create_app(orchestrator: Orchestrator | None = None, *, settings: Any = None
     # -- errors --------------------------------------------------------------------------------
     @app.exception_handler(OrchestratorError)
     def _orchestrator_error(request: Request, exc: OrchestratorError) -> JSONResponse:
+        _bind_request_id(request, getattr(request.state, "request_id", None))
         status = next((code for cls, code in _ERRORS if isinstance(exc, cls)), 500)
         reason = next((r for cls, r in _REFUSAL_REASONS if isinstance(exc, cls)), None)
         if reason is not None:
@@ -335,7 +344,7 @@ def create_app(orchestrator: Orchestrator | None = None, *, settings: Any = None
 
     # -- endpoints -------------------------------------------------------------------------------
     @app.post("/search")
-    def search(body: SearchBody, client: ClientId) -> JSONResponse:
+    def search(body: SearchBody, client: ClientId, request: Request) -> JSONResponse:
         limiter().hit("search", client, limit=sec.search_rate_limit, window_s=sec.rate_window_s)
         t0 = time.perf_counter()
         ctx = body.context.model_dump(exclude_none=True) if body.context else None
@@ -355,11 +364,12 @@ def create_app(orchestrator: Orchestrator | None = None, *, settings: Any = None
             metrics.arm_failures.labels(f.template_id).inc()
         out = response_to_dict(resp, include_source=body.include_source)
         out["token"] = resp.token
-        return JSONResponse(out, headers={"X-Request-ID": resp.request_id})
+        _bind_request_id(request, resp.request_id)
+        return JSONResponse(out)
 
     @app.post("/feedback")
-    def feedback(body: FeedbackBody, client: ClientId) -> JSONResponse:
-        set_request_id(body.request_id)
+    def feedback(body: FeedbackBody, client: ClientId, request: Request) -> JSONResponse:
+        _bind_request_id(request, body.request_id)
         limiter().hit("feedback", client, limit=sec.feedback_rate_limit,
                       window_s=sec.rate_window_s)
         if sec.require_token and body.token is None:
@@ -379,8 +389,7 @@ def create_app(orchestrator: Orchestrator | None = None, *, settings: Any = None
         return JSONResponse(
             {"request_id": r.request_id, "item_id": r.item_id, "action": r.action,
              "duplicate": r.duplicate, "capped": r.capped, "position": r.position,
-             "weight": r.weight, "rewards": r.rewards},
-            headers={"X-Request-ID": r.request_id})
+             "weight": r.weight, "rewards": r.rewards})
 
     @app.get("/arms")
     def arms(client: ClientId) -> dict[str, Any]:
@@ -388,7 +397,8 @@ def create_app(orchestrator: Orchestrator | None = None, *, settings: Any = None
 
     @app.get("/explain/{request_id}")
     def explain(request_id: Annotated[str, AfterValidator(_valid_unicode)],
-                client: ClientId) -> dict[str, Any]:
+                client: ClientId, request: Request) -> dict[str, Any]:
+        _bind_request_id(request, request_id)
         if len(request_id) > 64:
             raise UnknownRequestError(request_id[:64] + "...")
         return orch().explain(request_id)

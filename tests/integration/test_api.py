@@ -98,7 +98,7 @@ def test_error_mapping(client, orch):
     assert r.status_code == 400 and "was not shown" in r.json()["detail"]
 
 
-def test_redis_down_is_503(orch):
+def test_redis_down_search_serves_feedback_503(orch):
     import redis
 
     client = TestClient(create_app(orch))
@@ -110,8 +110,11 @@ def test_redis_down_is_503(orch):
                        retry=Retry(NoBackoff(), 0))
     orch.redis = orch.store.client = orch.log.client = dead
     orch.store._script = dead.register_script("return 1")
+    # Searches still serve while Redis is down (posteriors held in memory, the impression
+    # spooled; see orchestrator.resilience), with a token: the secret is cached in memory.
     r = client.post("/search", json={"query": "jazz"})
-    assert r.status_code == 503 and "Redis is not reachable" in r.json()["detail"]
+    assert r.status_code == 200 and r.json()["token"].startswith("v1."), r.text
+    # Feedback on a request that is neither in memory nor reachable in Redis: a clear 503.
     r = client.post("/feedback", json={"request_id": "x", "item_id": "y", "action": "click",
                                        "token": token})
     assert r.status_code == 503 and "\n" not in r.json()["detail"]
