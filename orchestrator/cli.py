@@ -304,9 +304,10 @@ def serve(host: Annotated[str, typer.Option()] = "127.0.0.1",
     import uvicorn
 
     # The factory configures JSON logging (settings.log) in every server process; uvicorn's
-    # own logging config is off so its records go through the same handler.
+    # own logging config is off so its records go through the same handler, and its access
+    # log too (orchestrator.api.access logs each request with its request id instead).
     uvicorn.run("orchestrator.api:create_served_app", factory=True, host=host, port=port,
-                workers=workers, log_config=None)
+                workers=workers, log_config=None, access_log=False)
 
 
 @app.command()

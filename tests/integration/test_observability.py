@@ -178,3 +178,50 @@ def test_healthz_reports_each_service(app_parts, settings, redis_prefix, catalog
     r = TestClient(create_app(settings=dead)).get("/healthz")
     assert r.status_code == 503 and r.json()["redis"] == "ok"
     assert r.json()["status"] == "degraded" and r.json()["elasticsearch"] != "ok"
+
+
+def test_ltrr_serve_logs_json_lines_with_request_ids(redis_prefix, catalog_slice, tmp_path):
+    """The entry point configures logging: every stderr line of ``ltrr serve`` is a JSON
+    record, and those of a search carry its request id."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "LTRR_REDIS__KEY_PREFIX": redis_prefix,
+           "LTRR_ES__CATALOG_ALIAS": catalog_slice, "LTRR_TEMPLATES__MODE": "local",
+           "LTRR_LOG__LEVEL": "INFO"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port",
+                                 str(port)], env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, log_path.read_text()[-2000:]
+                try:
+                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.3)
+            r = httpx.post(url + "/search", json={"query": "jazz", "context": CTX}, timeout=60)
+            assert r.status_code == 200, r.text
+            rid = r.json()["request_id"]
+            time.sleep(0.5)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
+    records = [json.loads(ln) for ln in lines]   # every line is JSON (uvicorn's included)
+    mine = [x for x in records if x["request_id"] == rid]
+    assert any(x["logger"] == "orchestrator.pipeline" and x["message"].startswith("search ")
+               for x in mine), records[-10:]
+    assert any(x["logger"] == "orchestrator.api.access" and x["status"] == 200 for x in mine)
+    assert any(x["logger"].startswith("uvicorn") for x in records)
