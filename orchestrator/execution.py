@@ -126,7 +126,10 @@ class MultiSearch:
                     "Elasticsearch", self._url(),
                     f"scripts/services up (circuit open after repeated failures; next probe in "
                     f"{breaker.retry_in_s():.1f} s)")
-            opts: dict[str, Any] = {"opaque_id": opaque_id, "request_timeout": self.request_timeout_s}
+            # A time-out is not retried (a hung node would only hold the search longer);
+            # connection errors are, up to max_retries.
+            opts: dict[str, Any] = {"opaque_id": opaque_id, "request_timeout": self.request_timeout_s,
+                                    "retry_on_timeout": False}
             if self.max_retries is not None:
                 opts["max_retries"] = self.max_retries
             es = self.client.options(**opts)

@@ -703,7 +703,7 @@ class Orchestrator:
             hit = self.writer.spool.impression(request_id) if self.writer is not None else None
             return hit if hit is not None or self.recent is None else self.recent.get(request_id)
 
-        if self.writer is not None and self.writer.breaker.state == "open":
+        if self.writer is not None and self.writer.breaker.state != "closed":
             imp = local()  # Redis failed a moment ago: do not wait for it again
             if imp is not None:
                 return dict(imp)

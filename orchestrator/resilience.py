@@ -339,8 +339,11 @@ class DurableRedisWriter:
     def write(self, kind: str, payload: Mapping[str, Any]) -> tuple[Any, bool]:
         """Apply one write; returns ``(result, spooled)``. ``result`` is the applier's return
         value, or None when spooled. Raises only if the spool itself cannot be written."""
-        if len(self.spool):
-            self.replay(blocking=False)  # earlier writes first, or this one queues behind them
+        if len(self.spool) and self.breaker.state == "closed":
+            # Earlier writes first, or this one queues behind them. Only while Redis is known
+            # to answer: otherwise the replay thread probes it, so no request waits on a dead
+            # or hung Redis.
+            self.replay(blocking=False)
         if not len(self.spool) and self.breaker.allow():
             try:
                 result = self.appliers[kind](payload)

@@ -135,9 +135,15 @@ def test_writer_spools_while_down_and_replays_in_order(tmp_path):
     assert len(w.spool) == 2 and w.status()["spooled"] == 2
     assert w.replay() == 0 and len(w.spool) == 2  # still down: nothing lost, nothing skipped
     redis.down = False
-    # The next write first drains the spool, so it lands after the spooled ones.
-    assert w.write("apply", {"n": 3}) == (True, False)
-    assert redis.applied == [0, 1, 2, 3] and len(w.spool) == 0
+    # Until Redis is seen answering again, a new write queues behind the spooled ones (no
+    # request waits on a Redis that may be hung; the replay thread probes it).
+    assert w.write("apply", {"n": 3}) == (None, True)
+    assert w.replay() == 3 and w.breaker.state == "closed"
+    assert w.write("apply", {"n": 4}) == (True, False)
+    # With Redis answering, a write first drains whatever is spooled, so it lands after it.
+    w.spool.append("apply", {"n": 5})
+    assert w.write("apply", {"n": 6}) == (True, False)
+    assert redis.applied == [0, 1, 2, 3, 4, 5, 6] and len(w.spool) == 0
     w.close()
 
 
