@@ -306,8 +306,11 @@ def serve(host: Annotated[str, typer.Option()] = "127.0.0.1",
     # The factory configures JSON logging (settings.log) in every server process; uvicorn's
     # own logging config is off so its records go through the same handler, and its access
     # log too (orchestrator.api.access logs each request with its request id instead).
+    # proxy_headers off: uvicorn would otherwise let any local caller pick its client address
+    # (the rate-limit and influence-cap identity) with X-Forwarded-For; behind a trusted proxy
+    # set security.client_ip_header instead.
     uvicorn.run("orchestrator.api:create_served_app", factory=True, host=host, port=port,
-                workers=workers, log_config=None, access_log=False)
+                workers=workers, log_config=None, access_log=False, proxy_headers=False)
 
 
 @app.command()
