@@ -164,6 +164,17 @@ def test_api_keys_identify_clients(setup):
     assert r.status_code == 200, r.text
 
 
+def test_client_ip_header_behind_a_trusted_proxy(setup):
+    orch, client = setup(client_ip_header="X-Forwarded-For")
+    alice = {"X-Forwarded-For": "203.0.113.5, 10.0.0.1"}
+    body = _search(client, alice)
+    fb = {"request_id": body["request_id"], "item_id": body["results"][0]["id"],
+          "action": "click", "token": body["token"]}
+    r = client.post("/feedback", json=fb, headers={"X-Forwarded-For": "203.0.113.6"})
+    assert r.status_code == 403 and "another client" in r.json()["detail"]
+    assert client.post("/feedback", json=fb, headers=alice).status_code == 200
+
+
 def test_feedback_rate_limit_is_429_with_retry_after(setup):
     orch, client = setup(feedback_rate_limit=3, rate_window_s=3600)
     body = _search(client)

@@ -177,3 +177,21 @@ def test_configure_logging_leaves_one_root_handler():
     finally:
         root.handlers[:] = saved
         root.setLevel(level)
+
+
+def test_influence_cap_counts_in_process_while_redis_is_down():
+    from orchestrator.security import InfluenceCap
+
+    now = [NOW]
+    cap = InfluenceCap(dead_redis(), prefix="t:", cap=3.0, window_s=60, clock=lambda: now[0])
+    first = cap.reserve("c1", {"a": 2.0, "b": 1.0})
+    assert first is not None and first.local
+    assert cap.reserve("c1", {"a": 1.5}) is None          # a would reach 3.5 > 3
+    assert cap.reserve("c1", {"b": 2.0}) is not None      # b reaches exactly 3
+    assert cap.reserve("c1", {"a": 0.5, "b": 0.5}) is None  # all or nothing: b is full
+    assert cap.reserve("c2", {"a": 3.0}) is not None      # per client
+    cap.release(first)                                    # a duplicate: refunded
+    assert cap.reserve("c1", {"a": 3.0}) is not None
+    now[0] += 60                                          # a new window starts empty
+    assert cap.reserve("c1", {"a": 3.0, "b": 3.0}) is not None
+    assert cap.reserve("c1", {}) is not None and cap.fallbacks >= 6
