@@ -10,9 +10,10 @@ rewarded or blamed, see :func:`orchestrator.pipeline.executed_arms`): an error r
 its ``_msearch`` item, ``timed_out: true`` (status 504; its hits are whatever a partial search
 found, and learning from a truncated list would blame the arm for its time-out rather than its
 ranking), and any shard failure (status of the failure, a partial view of the catalog for the
-same reason). A dead or hung node raises :class:`ServiceUnavailableError` after at most
-``request_timeout_s`` x (``max_retries`` + 1); with a :class:`~orchestrator.resilience.CircuitBreaker`
-repeated failures make later searches fail at once until the node answers a probe.
+same reason). A dead node raises :class:`ServiceUnavailableError` at once (connection refused,
+retried ``max_retries`` times), a hung one after ``request_timeout_s`` (time-outs are not
+retried); with a :class:`~orchestrator.resilience.CircuitBreaker` repeated failures make later
+searches fail at once until the node answers a probe.
 """
 
 from __future__ import annotations

@@ -502,5 +502,84 @@ class RecentImpressions:
             return self._data.get(request_id)
 
 
+def replay_spools(settings: Any, *, spool_dir: Path | None = None) -> dict[str, int]:
+    """Replay every spool file of ``settings.redis`` (URL + key prefix) whose process is gone
+    into Redis; files of live processes are left to them. For operators
+    (``python -m orchestrator.resilience replay``) after a crash with Redis down.
+
+    Returns
+    -------
+    dict
+        ``files`` found, ``replayed`` records, ``busy`` files held by a live process.
+
+    Raises
+    ------
+    ServiceUnavailableError
+        Redis is still down (what was replayed so far stays replayed; the rest stays on disk).
+    """
+    from .bandit_state import RedisBanditStore
+    from .feedback import FeedbackLog
+    from .redis_client import build_redis
+
+    directory = Path(spool_dir or settings.resilience.spool_dir)
+    client = build_redis(settings.redis)
+    from .selection import ContextFeaturizer
+
+    dim = ContextFeaturizer(hash_dim=settings.bandit.hash_dim,
+                            bucket_keys=settings.bandit.bucket_keys).dim
+    store = RedisBanditStore(client, prefix=settings.redis.key_prefix, dim=dim,
+                             url=settings.redis.url)
+    store.check_schema()
+    log = FeedbackLog(client, store=store, impression_ttl_s=settings.feedback.impression_ttl_s,
+                      stream_maxlen=settings.feedback.stream_maxlen)
+    appliers = redis_appliers(store, log)
+    spool = Spool(directory, key=spool_key(settings.redis.url, settings.redis.key_prefix))
+    files = spool.orphans()
+    out = {"files": len(files), "replayed": 0, "busy": 0}
+    for path in files:
+        n = spool.adopt(path, lambda rec: appliers[rec["kind"]](rec["payload"]))
+        if n == 0 and path.exists():
+            out["busy"] += 1
+        out["replayed"] += n
+    return out
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .settings import OrchestratorSettings
+
+    ap = argparse.ArgumentParser(prog="python -m orchestrator.resilience",
+                                 description="Inspect or replay the Redis-write spool.")
+    ap.add_argument("command", choices=["status", "replay"])
+    ap.add_argument("--spool-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    settings = OrchestratorSettings()
+    directory = Path(args.spool_dir or settings.resilience.spool_dir)
+    key = spool_key(settings.redis.url, settings.redis.key_prefix)
+    if args.command == "status":
+        files = sorted(directory.glob(f"spool-{key}-*.jsonl")) if directory.is_dir() else []
+        total = 0
+        for f in files:
+            n = sum(1 for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
+            total += n
+            print(f"{f}: {n} record(s)")
+        print(f"{len(files)} spool file(s), {total} record(s) for {settings.redis.url} "
+              f"prefix {settings.redis.key_prefix!r}")
+        return 0
+    try:
+        out = replay_spools(settings, spool_dir=directory)
+    except ServiceUnavailableError as exc:
+        print(f"error: {exc}")
+        return 1
+    print(f"replayed {out['replayed']} record(s) from {out['files'] - out['busy']} file(s); "
+          f"{out['busy']} file(s) held by a live process")
+    return 0
+
+
 __all__ = ["CircuitBreaker", "DurableRedisWriter", "FallbackCache", "RecentImpressions", "Spool",
-           "redis_appliers", "spool_key"]
+           "redis_appliers", "replay_spools", "spool_key"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -167,8 +167,8 @@ class LogSettings(BaseModel):
 class ResilienceSettings(BaseModel):
     """What happens when Elasticsearch or Redis fails (see :mod:`orchestrator.resilience`)."""
 
-    #: Wall-clock bound of one search's ``_msearch`` (per attempt) and extra attempts on a
-    #: connection error: a hung node fails a search after at most timeout x (retries + 1).
+    #: Wall-clock bound of one search's ``_msearch`` (a time-out is not retried, so a hung node
+    #: fails a search after this long) and extra attempts after a connection error.
     es_search_timeout_s: float = Field(5.0, gt=0)
     es_search_retries: int = Field(1, ge=0)
     #: Elasticsearch ``timeout`` put in every arm's body. An arm that reports ``timed_out`` or

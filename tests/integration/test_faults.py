@@ -317,8 +317,9 @@ def test_redis_down_searches_serve_and_feedback_is_spooled_then_replayed(
     assert orch.store.impressions() == imps
 
 
+@pytest.mark.parametrize("adopter", ["next_orchestrator", "replay_command"])
 def test_spool_left_by_a_dead_process_is_adopted(private_redis, private_prefix, es,
-                                                  catalog_slice, settings, tmp_path):
+                                                  catalog_slice, settings, tmp_path, adopter):
     spool_dir = tmp_path / "spool"
     kw = dict(es=es, redis_client=private_redis, es_url=settings.es.url, redis_url=REDIS_URL,
               alias=catalog_slice, prefix=private_prefix, spool_dir=spool_dir,
@@ -339,9 +340,18 @@ def test_spool_left_by_a_dead_process_is_adopted(private_redis, private_prefix, 
     finally:
         services("start-redis")
     wait_for(lambda: private_redis.ping())
-    second = build(settings, **kw)  # a new process for the same Redis state adopts the file
-    wait_for(lambda: not orphan.exists(), timeout=30)
-    assert second.health()["spool"] == "ok"
+    if adopter == "next_orchestrator":
+        second = build(settings, **kw)  # a new process for the same Redis state adopts the file
+        wait_for(lambda: not orphan.exists(), timeout=30)
+        assert second.health()["spool"] == "ok"
+    else:  # python -m orchestrator.resilience replay
+        from orchestrator.resilience import replay_spools
+
+        s = settings.model_copy(update={
+            "redis": settings.redis.model_copy(update={"url": REDIS_URL, "key_prefix": private_prefix}),
+            "resilience": settings.resilience.model_copy(update={"spool_dir": spool_dir})})
+        assert replay_spools(s) == {"files": 1, "replayed": 3, "busy": 0}
+        assert not orphan.exists()
     stored = stored_feedback(private_redis, private_prefix)
     assert sorted(e["item_id"] for e in stored) == sorted(acked)
 
@@ -450,3 +460,35 @@ def test_elasticsearch_restart_mid_load_loses_no_acknowledged_feedback(
     assert orch.resilience_status()["spool"]["spooled"] == 0
     wait_for(lambda: orch.search("miles davis", size=5).results)  # searches recover
 
+
+
+def test_http_with_redis_down_serves_acknowledges_and_reports_degraded(
+        private_redis, private_prefix, es, catalog_slice, settings, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from orchestrator.api import create_app
+
+    orch = build(settings, es=es, redis_client=private_redis, es_url=settings.es.url,
+                 redis_url=REDIS_URL, alias=catalog_slice, prefix=private_prefix,
+                 spool_dir=tmp_path / "spool", registry=lexical_registry())
+    client = TestClient(create_app(orch))
+    warm = client.post("/search", json={"query": "take five", "size": 5})
+    assert warm.status_code == 200, warm.text
+    services("stop-redis")
+    try:
+        r = client.post("/search", json={"query": "so what", "size": 5})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        f = client.post("/feedback", json={"request_id": body["request_id"], "action": "play",
+                                           "item_id": body["results"][0]["id"],
+                                           "token": body["token"]})
+        assert f.status_code == 200, f.text
+        h = client.get("/healthz")
+        assert h.status_code == 503 and h.json()["status"] == "degraded"
+        assert h.json()["redis"] != "ok" and "spooled" in h.json()["spool"]
+    finally:
+        services("start-redis")
+    wait_for(lambda: private_redis.ping())
+    wait_for(lambda: client.get("/healthz").status_code == 200, timeout=30)
+    stored = stored_feedback(private_redis, private_prefix)
+    assert [(e["request_id"], e["action"]) for e in stored] == [(body["request_id"], "play")]
