@@ -188,3 +188,22 @@ def test_rescore_features_and_ranking() -> None:
     model = LinearRescorer(feature_names=["in:semantic"], coef=[1.0])
     assert beir.rescored_ranking(model, [lex, stem, sem])[0] == "c"
     assert np.isfinite(X).all()
+
+
+def test_paired_randomization_test() -> None:
+    a = np.array([0.5, 0.7, 0.2, 0.9] * 25)
+    assert beir.paired_randomization_test(a, a) == 1.0
+    # a consistent gain of 0.1 on 100 queries is far from chance; a +-0.1 zigzag is chance
+    assert beir.paired_randomization_test(a + 0.1, a) < 0.001
+    zigzag = a + np.tile([0.1, -0.1], 50)
+    assert beir.paired_randomization_test(zigzag, a) > 0.5
+    assert beir.paired_randomization_test(a + 0.1, a, seed=1) == beir.paired_randomization_test(
+        a + 0.1, a, seed=1)
+
+
+def test_per_query_ndcg_matches_evaluate() -> None:
+    qrels = {"1": {"a": 1}, "2": {"b": 1, "c": 1}}
+    run = {"1": ["x", "a"], "2": ["c"]}
+    per_q = beir.per_query_ndcg(run, qrels)
+    assert per_q.tolist() == pytest.approx([1 / math.log2(3), 1 / (1 + 1 / math.log2(3))])
+    assert round(per_q.mean(), 4) == beir.evaluate(run, qrels)["ndcg@10"]
