@@ -13,6 +13,7 @@ Every error body is ``{"error": <type>, "detail": <one-line message>}``. Status 
        or with one that is forged, expired, or for another request or client
 404    unknown request id (never served, or its impression expired); unknown path
 409    ``ReplayedFeedbackError``: this (request, item, action) was already counted
+413    body larger than ``security.max_body_bytes``
 422    malformed body (wrong types, unknown fields, out-of-range numbers, invalid Unicode)
 429    ``RateLimitedError``, with ``Retry-After``
 503    Elasticsearch or Redis down
@@ -281,6 +282,12 @@ def create_app(orchestrator: Orchestrator | None = None, *, settings: Any = None
         rid = given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         set_request_id(rid)
         t0 = time.perf_counter()
+        length = request.headers.get("content-length", "")
+        if length and (not length.isdigit() or int(length) > sec.max_body_bytes):
+            metrics.requests.labels(_endpoint(request), "413").inc()
+            return JSONResponse({"error": "RequestTooLarge",
+                                 "detail": f"request body over {sec.max_body_bytes} bytes"},
+                                status_code=413, headers={"X-Request-ID": rid})
         try:
             response = await call_next(request)
         except Exception:  # a bug: count it; the 500 handler logs and answers

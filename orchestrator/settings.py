@@ -154,6 +154,8 @@ class SecuritySettings(BaseModel):
     #: (0: no cap). Beyond it feedback is acknowledged with ``capped: true`` and not applied.
     influence_cap: float = Field(200.0, ge=0)
     influence_window_s: int = Field(3600, ge=1)
+    #: Request bodies larger than this are refused (413) before they are read.
+    max_body_bytes: int = Field(1_000_000, ge=1024)
 
 
 class LogSettings(BaseModel):

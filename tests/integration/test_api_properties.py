@@ -260,6 +260,28 @@ def test_http_unknown_paths_and_methods_are_4xx(client, path, method):
     check_response(r, ok_keys=())
 
 
+def test_http_huge_body_is_413(client):
+    r = client.post("/search", content=b'{"query": "' + b"a" * 2_000_000 + b'"}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "RequestTooLarge"
+
+
+@PROPS
+@given(key=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80),
+       rid=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=255), max_size=100))
+def test_http_hostile_headers_are_4xx(orch, key, rid):
+    from orchestrator.security import hash_api_key
+
+    s = orch.test_settings.model_copy(update={"security": orch.test_settings.security.model_copy(
+        update={"api_keys": {hash_api_key("the-real-key"): "app"}})})
+    client = TestClient(create_app(orch, settings=s))
+    r = client.post("/search", json={"query": "jazz"},
+                    headers={"X-API-Key": key, "X-Request-ID": rid.encode("latin-1")})
+    check_response(r)
+    assert r.status_code == (200 if key == "the-real-key" else 401)
+    assert "\n" not in r.headers["x-request-id"] and len(r.headers["x-request-id"]) <= 64
+
+
 # -- Python API -------------------------------------------------------------------------------
 def test_python_api_raises_only_typed_errors(orch, catalog_fingerprint):
     before = catalog_fingerprint()
