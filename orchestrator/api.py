@@ -412,10 +412,15 @@ def create_app(orchestrator: Orchestrator | None = None, *, settings: Any = None
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
+        built = state["orch"]
         try:
             status = orch().health()
-        except ServiceUnavailableError:
+        except ServiceUnavailableError:  # no orchestrator could be built
             status = _bare_health(settings)
+        except Exception as exc:  # e.g. a node answering 401/404: report it, never 500
+            logger.warning("health check failed: %s", exc)
+            status = (_bare_health(settings, es=built.es, redis=built.redis)
+                      if built is not None else _bare_health(settings))
         ok = all(v == "ok" for v in status.values())
         overall = "ok" if ok else "degraded" if "ok" in status.values() else "unavailable"
         return JSONResponse({"status": overall, **status},
@@ -428,22 +433,30 @@ def create_app(orchestrator: Orchestrator | None = None, *, settings: Any = None
     return app
 
 
-def _bare_health(settings: Any) -> dict[str, str]:
-    """Check Elasticsearch and Redis each on its own when no orchestrator could be built (one
-    service down must not hide the state of the other)."""
+def _bare_health(settings: Any, *, es: Any = None, redis: Any = None) -> dict[str, str]:
+    """Check Elasticsearch and Redis each on its own (one service down must not hide the state
+    of the other), with the given clients or ones built from ``settings``. Any failure,
+    including an unexpected answer, is reported as a one-line string."""
     from .es_client import build_client
     from .es_client import check_available as es_check
     from .redis_client import build_redis
     from .redis_client import check_available as redis_check
 
     out: dict[str, str] = {}
-    for name, fn in (("elasticsearch", lambda: es_check(build_client(settings.es), settings.es.url)),
-                     ("redis", lambda: redis_check(build_redis(settings.redis), settings.redis.url))):
+    checks = (
+        ("elasticsearch", lambda: es_check(es if es is not None else build_client(settings.es),
+                                           settings.es.url)),
+        ("redis", lambda: redis_check(redis if redis is not None else build_redis(settings.redis),
+                                      settings.redis.url)),
+    )
+    for name, fn in checks:
         try:
             fn()
             out[name] = "ok"
         except ServiceUnavailableError as exc:
             out[name] = str(exc)
+        except Exception as exc:  # an answer that is not health: still one line, never a 500
+            out[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     return out
 
 

@@ -225,3 +225,36 @@ def test_ltrr_serve_logs_json_lines_with_request_ids(redis_prefix, catalog_slice
                for x in mine), records[-10:]
     assert any(x["logger"] == "orchestrator.api.access" and x["status"] == 200 for x in mine)
     assert any(x["logger"].startswith("uvicorn") for x in records)
+
+
+def test_healthz_reports_a_node_answering_errors_instead_of_failing(app_parts):
+    """A proxy or a secured node answering 401/404 to the health call: a 503 that says so."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Deny(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            body = b'{"error": "denied"}'
+            self.send_response(401)
+            self.send_header("content-type", "application/json")
+            self.send_header("x-elastic-product", "Elasticsearch")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Deny)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    orch, client, _ = app_parts
+    real_es = orch.es
+    try:
+        orch.es = Elasticsearch(f"http://127.0.0.1:{server.server_port}", max_retries=0)
+        r = client.get("/healthz")
+        assert r.status_code == 503, r.text
+        assert r.json()["redis"] == "ok" and r.json()["elasticsearch"] != "ok"
+        assert "\n" not in r.json()["elasticsearch"]
+    finally:
+        orch.es = real_es
+        server.shutdown()
