@@ -380,6 +380,9 @@ def simulate(
         = "benchmarks/results/simulation",
     keep_state: Annotated[bool, typer.Option(help="Keep the run's Redis keys (sim:<run id>:*).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    report_only: Annotated[bool, typer.Option(
+        "--report-only", help="No searches: rebuild report.json, table.md and the PNGs in --out "
+                              "from its rounds.jsonl.gz.")] = False,
 ) -> None:
     """Replay a stream of real-data queries (playlists, known items with typos, Last.fm tags)
     with simulated users (click models) against one live orchestrator per policy; write the
@@ -388,9 +391,14 @@ def simulate(
 
     from .redis_client import build_redis, check_available
     from .simulation.queries import parse_mix
-    from .simulation.report import table, write_all
+    from .simulation.report import rebuild, table, write_all
     from .simulation.runner import SimConfig, Simulation
 
+    if report_only:
+        report = rebuild(Path(out))
+        typer.echo(table(report))
+        typer.echo(f"rebuilt {', '.join(report['files'])} in {out}")
+        return
     s = _settings()
     client = _es(s)
     r = build_redis(s.redis)

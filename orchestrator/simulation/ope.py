@@ -146,30 +146,37 @@ class Estimate:
 
 def estimate(rounds: Sequence[LoggedRound], target: TargetPolicy, *,
              model: RewardModel | None = None) -> Estimate:
-    """IPS, SNIPS and DR estimates of ``target``'s mean reward from ``rounds``."""
+    """IPS, SNIPS and DR estimates of ``target``'s mean reward from ``rounds``.
+
+    A round where the target runs no arm at all (none of its arms is eligible) has a known
+    reward of 0 (nothing is shown): it adds 0 to every estimator and counts with weight 1 in
+    the SNIPS normaliser, instead of being estimated."""
     if not rounds:
         raise ValueError("no logged rounds")
     model = model or RewardModel().fit(rounds)
-    w = np.zeros(len(rounds))
+    n = len(rounds)
+    w = np.zeros(n)       # importance weights of matched rounds
+    norm = np.zeros(n)    # SNIPS normaliser terms (w, or 1 for a known-zero round)
     r = np.asarray([x.reward for x in rounds], dtype=float)
-    dm = np.zeros(len(rounds))
-    corr = np.zeros(len(rounds))
+    dr_terms = np.zeros(n)
     for i, x in enumerate(rounds):
         a = target(x.qtype, x.eligible)
-        dm[i] = model.predict(x.qtype, a)
+        if not a:
+            norm[i] = 1.0
+            continue
+        dr_terms[i] = model.predict(x.qtype, a)
         if a == x.action and x.propensity > 0:
-            w[i] = 1.0 / x.propensity
-            corr[i] = w[i] * (x.reward - model.predict(x.qtype, x.action))
+            w[i] = norm[i] = 1.0 / x.propensity
+            dr_terms[i] += w[i] * (x.reward - model.predict(x.qtype, x.action))
     ips_terms = w * r
-    dr_terms = dm + corr
-    n = len(rounds)
-    sw = float(w.sum())
+    sw = float(norm.sum())
+    wm = w[w > 0]
     return Estimate(
         ips=float(ips_terms.mean()),
         snips=float(ips_terms.sum() / sw) if sw > 0 else float("nan"),
         dr=float(dr_terms.mean()),
         ips_se=float(ips_terms.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
         dr_se=float(dr_terms.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
-        n=n, n_matched=int((w > 0).sum()),
-        ess=float(sw ** 2 / float((w ** 2).sum())) if sw > 0 else 0.0,
+        n=n, n_matched=int(len(wm)),
+        ess=float(wm.sum() ** 2 / float((wm ** 2).sum())) if len(wm) else 0.0,
     )

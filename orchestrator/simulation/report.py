@@ -157,13 +157,15 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
     verdicts = []
     statics = static_policies(per)
     if "ours" in per and statics:
-        for t in QUERY_TYPES:
-            cand = [(policies[s]["by_type"][t].get(REWARD), s) for s in statics
-                    if policies[s]["by_type"][t].get("n")]
-            if not cand or not policies["ours"]["by_type"][t].get("n"):
+        def part(name: str, t: str) -> Mapping[str, Any]:
+            return policies[name]["overall"] if t == "all" else policies[name]["by_type"][t]
+
+        for t in (*QUERY_TYPES, "all"):
+            cand = [(part(s, t).get(REWARD), s) for s in statics if part(s, t).get("n")]
+            if not cand or not part("ours", t).get("n"):
                 continue
             best_v, best = max(cand)
-            ours_v = policies["ours"]["by_type"][t][REWARD]
+            ours_v = part("ours", t)[REWARD]
             verdicts.append({"qtype": t, "metric": REWARD, "ours": ours_v, "best_static": best,
                              "best_static_value": best_v, "difference": _r(ours_v - best_v),
                              "ours_wins": bool(ours_v > best_v)})
@@ -237,11 +239,29 @@ def write_all(result: Any, out_dir: Path, *, plots: bool = True) -> dict[str, An
     """``report.json``, ``rounds.jsonl.gz``, ``table.md`` and the PNGs into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = build_report(result)
-    write_rounds((asdict(r) for r in result.records), out_dir / "rounds.jsonl.gz")
+    rows = [asdict(r) for r in result.records]
+    write_rounds(rows, out_dir / "rounds.jsonl.gz")
+    return _write(build_report(result), rows, out_dir, plots=plots)
+
+
+def rebuild(out_dir: Path, *, plots: bool = True) -> dict[str, Any]:
+    """Recompute ``report.json``, ``table.md`` and the PNGs of ``out_dir`` from its round log
+    (``rounds.jsonl.gz``) and the run facts of its ``report.json`` (no searches)."""
+    out_dir = Path(out_dir)
+    rows = read_rounds(out_dir / "rounds.jsonl.gz")
+    old = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
+    report = report_from_rows(
+        rows, config=old["config"], oracle_plans=old["oracle_plans"],
+        calibration=old.get("oracle_calibration_top10", {}), arms=old["arms"],
+        query_counts=old["query_counts"], source_sizes=old["source_sizes"], seconds=old["seconds"])
+    return _write(report, rows, out_dir, plots=plots)
+
+
+def _write(report: dict[str, Any], rows: Sequence[Mapping[str, Any]], out_dir: Path, *,
+           plots: bool) -> dict[str, Any]:
     files = ["report.json", "rounds.jsonl.gz", "table.md"]
     if plots:
-        files += plot_all(report, [asdict(r) for r in result.records], out_dir)
+        files += plot_all(report, rows, out_dir)
     report["files"] = files
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     (out_dir / "table.md").write_text(table(report) + "\n\n" + ope_table(report) + "\n", encoding="utf-8")
@@ -319,7 +339,7 @@ def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_d
 
     pol = report["policies"]
     types = [t for t in QUERY_TYPES if any(pol[n]["by_type"][t].get("n") for n in names)]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(16, 5.5))
     width = 0.8 / max(len(names), 1)
     for ax, metric in zip(axes, ("success", "ndcg")):
         for i, n in enumerate(names):
@@ -329,7 +349,7 @@ def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_d
         ax.set_xticklabels(types)
         ax.set_title(f"{metric}@10 by query type")
         ax.grid(axis="y", alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out_dir / "success_by_type.png", dpi=110)
     plt.close(fig)

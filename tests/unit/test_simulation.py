@@ -406,6 +406,14 @@ def test_report_structure_verdicts_and_plots(tmp_path: Path):
                           "success_by_type.png"}
     for f in files:
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the report is a function of the round log: rebuilding it gives the same numbers
+    from orchestrator.simulation.report import rebuild, write_rounds
+
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    write_rounds(rows, tmp_path / "rounds.jsonl.gz")
+    again = rebuild(tmp_path, plots=False)
+    assert again["policies"] == json.loads(json.dumps(rep["policies"]))
+    assert (tmp_path / "table.md").read_text().startswith("| policy |")
 
 
 def test_evaluate_ope_command_reads_a_round_log(tmp_path: Path):
@@ -433,3 +441,9 @@ def test_evaluate_ope_command_reads_a_round_log(tmp_path: Path):
     assert abs(est["snips"] - est["actual"]) < 0.15
     missing = CliRunner().invoke(app, ["evaluate", "ope", "--log", str(tmp_path / "none.gz")])
     assert missing.exit_code != 0
+
+
+def test_target_without_eligible_arms_has_known_zero_reward():
+    log = _uniform_log(2000, seed=8)
+    est = ope.estimate(log, ope.fixed_target(["w"]))  # "w" is never eligible: nothing shown
+    assert est.ips == 0.0 and est.snips == 0.0 and est.dr == 0.0 and est.n_matched == 0
