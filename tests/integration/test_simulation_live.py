@@ -74,7 +74,9 @@ def test_small_simulation_report_files_and_reproducibility(es, redis_client, red
     # users clicked and the learning policy received the feedback through the public API
     assert report["policies"]["ours"]["overall"]["clicked"] > 0
     assert report["ope"]["random"]["clicked"]["targets"]["hybrid_rrf"]["actual"] is not None
-    assert {v["qtype"] for v in report["ours_vs_best_static"]} <= {"playlist", "known_item", "tag"}
+    verdicts = {v["qtype"]: v for v in report["ours_vs_best_static"]}
+    assert "all" in verdicts and set(verdicts) <= {"playlist", "known_item", "tag", "all"}
+    assert verdicts["all"]["best_static"] in ("arm:lexical.v2", "hybrid_rrf")
 
     # -- files
     for f in ("report.json", "rounds.jsonl.gz", "table.md", "cumulative_reward.png",
