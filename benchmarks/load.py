@@ -1,6 +1,7 @@
 """Load test of the HTTP API: ``POST /search`` + ``POST /feedback`` at increasing concurrency.
 
-For each server configuration (1 and 2 uvicorn workers by default: replicas sharing Redis)
+For each server configuration (1 and 2 uvicorn workers by default: replicas sharing Redis;
+with 2 workers once as shipped and once with the TCP_NODELAY fix, see ``NODELAY_LAUNCHER``)
 it starts the API as a subprocess on 127.0.0.1 (a free port, its own Redis key prefix
 ``load:<run>:w<N>:`` so the run's state is isolated and countable), warms every worker up,
 then runs one headless locust process per concurrency step (``benchmarks/locustfile.py``:
@@ -87,16 +88,42 @@ def pct(xs: list[float]) -> dict[str, float]:
             "n": int(a.size)}
 
 
-class Server:
-    """``uvicorn --factory orchestrator.api:create_app`` on 127.0.0.1 in its own session."""
+#: ``python -c`` launcher: uvicorn's CLI with the listening socket re-wrapped as IPPROTO_TCP.
+#: With ``--workers N > 1`` uvicorn (0.54 and earlier) binds the socket itself with ``proto``
+#: 0, accepted connections inherit it, and asyncio then skips ``TCP_NODELAY``: every
+#: keep-alive response waits ~40 ms on the client's delayed ACK (Kludex/uvicorn#3149). One
+#: worker is unaffected (asyncio binds the socket from ``getaddrinfo`` there).
+NODELAY_LAUNCHER = """
+import socket
+import uvicorn
+from uvicorn.config import Config
+_bind = Config.bind_socket
+def _bind_tcp(self):
+    sock = _bind(self)
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == 0:
+        sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
+        sock.set_inheritable(True)
+    return sock
+Config.bind_socket = _bind_tcp
+uvicorn.main()
+"""
 
-    def __init__(self, *, workers: int, env: dict[str, str], log_path: Path) -> None:
+
+class Server:
+    """``uvicorn --factory orchestrator.api:create_app`` on 127.0.0.1 in its own session
+    (``nodelay_fix``: through :data:`NODELAY_LAUNCHER`)."""
+
+    def __init__(self, *, workers: int, env: dict[str, str], log_path: Path,
+                 nodelay_fix: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.cmd = [sys.executable, "-m", "uvicorn", "--factory", "orchestrator.api:create_app",
+        launcher = ["-c", NODELAY_LAUNCHER] if nodelay_fix else ["-m", "uvicorn"]
+        self.cmd = [sys.executable, *launcher, "--factory", "orchestrator.api:create_app",
                     "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
                     "--log-level", "warning"]
+        self.label = f"uvicorn --workers {workers}" + (
+            " + TCP_NODELAY fix (benchmarks/load.py NODELAY_LAUNCHER)" if nodelay_fix else "")
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -314,9 +341,9 @@ def saturated(steps: list[dict[str, Any]], gain: float, blowup: float) -> str | 
     return None
 
 
-def fmt_row(workers: int, s: dict[str, Any]) -> str:
+def fmt_row(label: str, s: dict[str, Any]) -> str:
     sm, fm = s["search_ms"], s["feedback_ms"]
-    return (f"{workers:>7} {s['users']:>5} {s['rps']:>8.1f} {s['search_rps']:>8.1f} "
+    return (f"{label:>7} {s['users']:>5} {s['rps']:>8.1f} {s['search_rps']:>8.1f} "
             f"{sm['p50']:>7.0f} {sm['p95']:>7.0f} {sm['p99']:>7.0f} "
             f"{fm['p50']:>7.0f} {fm['p95']:>7.0f} {fm['p99']:>7.0f} "
             f"{s['errors']:>6} {_cores(s, 'machine')} {_cores(s, 'server')} {_cores(s, 'es')} "
@@ -333,10 +360,11 @@ HEADER = (f"{'workers':>7} {'users':>5} {'req/s':>8} {'search/s':>8} "
           f"{'errors':>6} {'cpu':>5} {'api':>5} {'es':>5} {'other':>5}  saturation")
 
 
-def run_config(*, workers: int, args: argparse.Namespace, base_env: dict[str, str], prefix: str,
-               redis_client: Any, workdir: Path, headers: dict[str, str],
-               es_pid: int | None) -> dict[str, Any]:
-    spool_dir = workdir / f"spool-w{workers}"
+def run_config(*, workers: int, nodelay_fix: bool, args: argparse.Namespace,
+               base_env: dict[str, str], prefix: str, redis_client: Any, workdir: Path,
+               headers: dict[str, str], es_pid: int | None) -> dict[str, Any]:
+    label = f"{workers}{'+nd' if nodelay_fix else ''}"
+    spool_dir = workdir / f"spool-w{label}"
     env = {**base_env, "LTRR_REDIS__KEY_PREFIX": prefix, "LTRR_ES__CATALOG_ALIAS": args.alias,
            "LTRR_RESILIENCE__SPOOL_DIR": str(spool_dir)}
     if not args.server_limits:
@@ -345,7 +373,8 @@ def run_config(*, workers: int, args: argparse.Namespace, base_env: dict[str, st
         # capacity while the limiter and influence-cap code still runs on every request.
         env |= {"LTRR_SECURITY__FEEDBACK_RATE_LIMIT": str(10**9),
                 "LTRR_SECURITY__INFLUENCE_CAP": str(10**12)}
-    server = Server(workers=workers, env=env, log_path=workdir / f"server-w{workers}.log")
+    server = Server(workers=workers, env=env, log_path=workdir / f"server-w{label}.log",
+                    nodelay_fix=nodelay_fix)
     steps: list[dict[str, Any]] = []
     reason = None
     try:
@@ -364,7 +393,7 @@ def run_config(*, workers: int, args: argparse.Namespace, base_env: dict[str, st
             meter.start()
             raw = run_step(users=users, url=server.url, seconds=args.step_seconds,
                            stop_timeout=args.stop_timeout, workdir=workdir,
-                           tag=f"w{workers}-u{users}", env=locust_env)
+                           tag=f"w{label}-u{users}", env=locust_env)
             cpu = meter.stop()
             st = step_stats(raw, users=users, seconds=args.step_seconds,
                             warmup_s=args.warmup_seconds)
@@ -373,7 +402,7 @@ def run_config(*, workers: int, args: argparse.Namespace, base_env: dict[str, st
             steps.append(st)
             reason = saturated(steps, args.saturation_gain, args.p95_blowup)
             st["saturation"] = reason
-            print(fmt_row(workers, st), flush=True)
+            print(fmt_row(label, st), flush=True)
             if reason and not args.no_stop:
                 break
         spool = wait_spool_drained(server.url, headers)
@@ -411,7 +440,8 @@ def run_config(*, workers: int, args: argparse.Namespace, base_env: dict[str, st
     )
     best = max(steps, key=lambda s: s["rps"]) if steps else None
     return {
-        "workers": workers, "prefix": prefix, "server_cmd": shlex.join(server.cmd),
+        "workers": workers, "nodelay_fix": nodelay_fix, "label": label, "prefix": prefix,
+        "server": server.label,
         "startup_and_warmup_s": round(startup_s, 1), "steps": [
             {k: v for k, v in s.items() if k != "counts"} | {"client_counts": s["counts"]}
             for s in steps],
@@ -448,6 +478,9 @@ def main() -> int:
     ap.add_argument("--no-stop", action="store_true", help="run every step, even past saturation")
     ap.add_argument("--api-key", default=os.environ.get("LTRR_LOAD_API_KEY"),
                     help="sent as X-API-Key (default: env LTRR_LOAD_API_KEY)")
+    ap.add_argument("--nodelay-fix", choices=("no", "yes", "both"), default="both",
+                    help="with more than one worker, also (yes: only) run the server through "
+                         "the TCP_NODELAY launcher (uvicorn#3149); default both")
     ap.add_argument("--server-limits", action="store_true",
                     help="keep the server's per-client feedback rate limit and influence cap "
                          "(default: raised out of reach, one locust process being one client)")
@@ -484,10 +517,13 @@ def main() -> int:
     t_all = time.monotonic()
     try:
         for workers in args.workers:
-            prefix = f"{base_prefix}w{workers}:"
-            configs.append(run_config(workers=workers, args=args, base_env=base_env,
-                                      prefix=prefix, redis_client=redis_client, workdir=workdir,
-                                      headers=headers, es_pid=es_pid))
+            variants = {"no": [False], "yes": [True], "both": [False, True]}[args.nodelay_fix]
+            for fix in variants if workers > 1 else [False]:
+                prefix = f"{base_prefix}w{workers}{'nd' if fix else ''}:"
+                configs.append(run_config(workers=workers, nodelay_fix=fix, args=args,
+                                          base_env=base_env, prefix=prefix,
+                                          redis_client=redis_client, workdir=workdir,
+                                          headers=headers, es_pid=es_pid))
     finally:
         if not args.keep_keys:
             for key in redis_client.scan_iter(match=base_prefix + "*", count=1000):
@@ -498,7 +534,7 @@ def main() -> int:
     for c in configs:
         cons = c["consistency"]
         sat = c["saturation"]
-        print(f"workers={c['workers']}: peak {sat['peak_rps']} req/s at {sat['peak_users']} users"
+        print(f"workers={c['label']}: peak {sat['peak_rps']} req/s at {sat['peak_users']} users"
               f"; saturation: {sat['reason'] or 'not reached'}")
         print(f"  feedback acked (client) {cons['feedback_acked_client']} | stored: stream "
               f"{cons['feedback_stored_stream']}, dedupe sets {cons['feedback_stored_dedupe_sets']}"
