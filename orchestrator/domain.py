@@ -133,8 +133,10 @@ class SelectionDecision:
 
     @property
     def budgets(self) -> dict[str, int]:
-        """``{arm name: budget}`` as ``arms.build_requests`` takes it."""
-        return {c.arm: c.budget for c in self.choices}
+        """``{template id: budget}`` as ``arms.build_requests`` takes it. Keyed by template id,
+        not arm name: a name resolves to the newest version, so a plan naming ``lexical.v1``
+        would otherwise run ``lexical.v2`` (and v1 would never be rewarded)."""
+        return {c.template_id: c.budget for c in self.choices}
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,9 +135,8 @@ class SimResult:
 
 
 def newest_arms_registry(folder: Path) -> TemplateRegistry:
-    """The newest version of every arm only. ``SelectionDecision.budgets`` is keyed by arm
-    name and ``build_requests`` resolves a name to its newest version, so a registry with two
-    versions of one arm would run v2 when v1 is chosen (and v1 would never be rewarded)."""
+    """The newest version of every arm only (what the serving pipeline's registry iterates),
+    so the "each arm alone" policies compare the arms users actually get."""
     reg = TemplateRegistry.from_dir(folder)
     return TemplateRegistry({t.id: t for t in reg.by_arm.values()})
 

@@ -359,3 +359,16 @@ def test_many_slot_values_are_capped_not_refused() -> None:
     assert [r.arm for r in reqs] == ARMS
     for r in reqs:
         REGISTRY.get(r.template_id).render(r.params)
+
+
+def test_a_plan_naming_an_older_version_runs_that_version() -> None:
+    """Decisions carry template ids; a plan choosing ``lexical.v1`` while ``lexical.v2`` exists
+    must run v1 (it used to resolve the arm name to its newest version)."""
+    from orchestrator.selection import ArmSpec, FixedPlanSelector, SelectionContext
+
+    assert {"lexical.v1", "lexical.v2"} <= set(REGISTRY.by_id)
+    specs = [ArmSpec.from_template(REGISTRY.get(t)) for t in ("lexical.v1", "lexical.v2")]
+    decision = FixedPlanSelector({"lexical.v1": 7}).select(
+        SelectionContext({"bias": 1.0}, (0,), (1.0,), "b"), specs, total_budget=7)
+    reqs = build_requests(REGISTRY, None, "love story", budgets=decision.budgets, vector=None)
+    assert [(r.template_id, r.params["size"]) for r in reqs] == [("lexical.v1", 7)]

@@ -135,7 +135,7 @@ def test_baselines():
     assert abs(np.mean(sizes) / 3 - 2 / 3) < 0.05  # empirical inclusion rate == logged propensity
     f = FixedPlanSelector({"lexical": 40, "semantic.v1": 20})
     d = f.select(KNOWN, ARMS, total_budget=60)
-    assert d.budgets == {"lexical": 40, "semantic": 20}
+    assert d.budgets == {"lexical.v1": 40, "semantic.v1": 20}
     assert d.propensities == {"lexical.v1": 1.0, "genre.v1": 0.0, "semantic.v1": 1.0}
     assert u.updates_for(KNOWN, []) == [] and f.updates_for(KNOWN, []) == []
     with pytest.raises(ConfigurationError, match="unknown selection policy"):
