@@ -201,11 +201,12 @@ def _tree_cpu_s(pid: int | None) -> float | None:
 
 class CpuMeter:
     """Cores used during a step (CPU seconds / wall seconds): the whole machine, the API server's
-    process tree, Elasticsearch, and this script's finished children (the locust process);
-    ``other`` is the rest: Redis, the kernel and whatever else runs on the machine meanwhile."""
+    process tree, Elasticsearch, Redis, and this script's finished children (the locust
+    process); ``other`` is the rest: the kernel and whatever else runs on the machine meanwhile
+    (other people's tests on a shared machine)."""
 
-    def __init__(self, *, server_pid: int, es_pid: int | None) -> None:
-        self.server_pid, self.es_pid = server_pid, es_pid
+    def __init__(self, *, server_pid: int, es_pid: int | None, redis_pid: int | None) -> None:
+        self.server_pid, self.es_pid, self.redis_pid = server_pid, es_pid, redis_pid
 
     def _snap(self) -> dict[str, float | None]:
         ct = psutil.cpu_times()
@@ -213,7 +214,7 @@ class CpuMeter:
         return {"wall": time.monotonic(),
                 "machine": sum(ct) - ct.idle - getattr(ct, "iowait", 0.0),
                 "server": _tree_cpu_s(self.server_pid), "es": _tree_cpu_s(self.es_pid),
-                "locust": kids.ru_utime + kids.ru_stime}
+                "redis": _tree_cpu_s(self.redis_pid), "locust": kids.ru_utime + kids.ru_stime}
 
     def start(self) -> None:
         self._t0 = self._snap()
@@ -222,10 +223,10 @@ class CpuMeter:
         t1, t0 = self._snap(), self._t0
         wall = t1["wall"] - t0["wall"]  # type: ignore[operator]
         out: dict[str, float | None] = {}
-        for k in ("machine", "server", "es", "locust"):
+        for k in ("machine", "server", "es", "redis", "locust"):
             a, b = t0[k], t1[k]
             out[k] = None if a is None or b is None else round((b - a) / wall, 2)
-        known = [out[k] for k in ("server", "es", "locust")]
+        known = [out[k] for k in ("server", "es", "redis", "locust")]
         out["other"] = (round(out["machine"] - sum(known), 2)  # type: ignore[operator, arg-type]
                         if None not in known and out["machine"] is not None else None)
         return out
@@ -347,7 +348,7 @@ def fmt_row(label: str, s: dict[str, Any]) -> str:
             f"{sm['p50']:>7.0f} {sm['p95']:>7.0f} {sm['p99']:>7.0f} "
             f"{fm['p50']:>7.0f} {fm['p95']:>7.0f} {fm['p99']:>7.0f} "
             f"{s['errors']:>6} {_cores(s, 'machine')} {_cores(s, 'server')} {_cores(s, 'es')} "
-            f"{_cores(s, 'other')}  {s.get('saturation') or ''}")
+            f"{_cores(s, 'redis')} {_cores(s, 'other')}  {s.get('saturation') or ''}")
 
 
 def _cores(s: dict[str, Any], key: str) -> str:
@@ -357,12 +358,13 @@ def _cores(s: dict[str, Any], key: str) -> str:
 
 HEADER = (f"{'workers':>7} {'users':>5} {'req/s':>8} {'search/s':>8} "
           f"{'s p50':>7} {'s p95':>7} {'s p99':>7} {'fb p50':>7} {'fb p95':>7} {'fb p99':>7} "
-          f"{'errors':>6} {'cpu':>5} {'api':>5} {'es':>5} {'other':>5}  saturation")
+          f"{'errors':>6} {'cpu':>5} {'api':>5} {'es':>5} {'redis':>5} {'other':>5}  saturation")
 
 
 def run_config(*, workers: int, nodelay_fix: bool, args: argparse.Namespace,
                base_env: dict[str, str], prefix: str, redis_client: Any, workdir: Path,
-               headers: dict[str, str], es_pid: int | None) -> dict[str, Any]:
+               headers: dict[str, str], es_pid: int | None,
+               redis_pid: int | None) -> dict[str, Any]:
     label = f"{workers}{'+nd' if nodelay_fix else ''}"
     spool_dir = workdir / f"spool-w{label}"
     env = {**base_env, "LTRR_REDIS__KEY_PREFIX": prefix, "LTRR_ES__CATALOG_ALIAS": args.alias,
@@ -387,7 +389,7 @@ def run_config(*, workers: int, nodelay_fix: bool, args: argparse.Namespace,
                       "LTRR_LOAD_P_RETRY": str(args.p_retry), "LTRR_LOAD_SIZE": str(args.size)}
         if args.api_key:
             locust_env["LTRR_LOAD_API_KEY"] = args.api_key
-        meter = CpuMeter(server_pid=server.proc.pid, es_pid=es_pid)
+        meter = CpuMeter(server_pid=server.proc.pid, es_pid=es_pid, redis_pid=redis_pid)
         for users in args.users:
             load1 = os.getloadavg()[0]
             meter.start()
@@ -464,7 +466,7 @@ def main() -> int:
                     help="uvicorn worker counts to test, comma-separated (default 1,2)")
     ap.add_argument("--users", type=int_list, default=[1, 2, 4, 8, 16, 32],
                     help="concurrency steps, comma-separated (default 1,2,4,8,16,32)")
-    ap.add_argument("--step-seconds", type=int, default=20, help="run time of each step")
+    ap.add_argument("--step-seconds", type=int, default=15, help="run time of each step")
     ap.add_argument("--warmup-seconds", type=float, default=3.0,
                     help="first seconds of each step left out of the statistics")
     ap.add_argument("--stop-timeout", type=int, default=30,
@@ -506,12 +508,13 @@ def main() -> int:
         [str(HERE.parent)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
 
     es_pid = listening_pid(urlparse(settings.es.url).port or 9200)
+    redis_pid = listening_pid(urlparse(settings.redis.url).port or 6379)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     print(f"catalog {args.alias}: {catalog_docs} docs; {os.cpu_count()} CPUs shared by "
           f"Elasticsearch, Redis, the API and locust; logs in {workdir}", flush=True)
-    print("latencies in ms (s = /search, fb = /feedback); cpu/api/es/other: cores used during "
-          "the step by the machine, the API server, Elasticsearch, everything else but locust",
-          flush=True)
+    print("latencies in ms (s = /search, fb = /feedback); cpu/api/es/redis/other: cores used "
+          "during the step by the whole machine, the API server, Elasticsearch, Redis, and "
+          "everything else except locust (other work on the machine)", flush=True)
     print(HEADER, flush=True)
     configs = []
     t_all = time.monotonic()
@@ -523,7 +526,8 @@ def main() -> int:
                 configs.append(run_config(workers=workers, nodelay_fix=fix, args=args,
                                           base_env=base_env, prefix=prefix,
                                           redis_client=redis_client, workdir=workdir,
-                                          headers=headers, es_pid=es_pid))
+                                          headers=headers, es_pid=es_pid,
+                                          redis_pid=redis_pid))
     finally:
         if not args.keep_keys:
             for key in redis_client.scan_iter(match=base_prefix + "*", count=1000):
@@ -552,9 +556,9 @@ def main() -> int:
         "warmup_seconds": args.warmup_seconds, "users": args.users, "p_feedback": args.p_feedback,
         "p_retry": args.p_retry, "size": args.size, "seed": args.seed,
         "total_s": round(time.monotonic() - t_all, 1),
-        "note": ("closed loop, no think time, loopback; 2 cores shared by Elasticsearch, Redis, "
-                 "the API workers and locust, with other test runs possibly active "
-                 "(loadavg_1m per step)"),
+        "note": ("closed loop, no think time, loopback; the machine's cores are shared by "
+                 "Elasticsearch, Redis, the API workers and locust, and possibly other work: "
+                 "steps[].cpu_cores.other is the CPU taken by everything else meanwhile"),
         "configs": configs, "ok": ok,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
