@@ -383,6 +383,14 @@ def simulate(
     report_only: Annotated[bool, typer.Option(
         "--report-only", help="No searches: rebuild report.json, table.md and the PNGs in --out "
                               "from its rounds.jsonl.gz.")] = False,
+    retrain_every: Annotated[int, typer.Option(
+        help="Run the retraining jobs (move events, rebuild posteriors, train + promote the "
+             "ranker) for `ours` from its own click log every N rounds (0: never).")] = 200,
+    compare_no_retrain: Annotated[bool, typer.Option(
+        help="With retraining, also run `ours_no_retrain` (same seeds, no retraining).")] = True,
+    model_dir: Annotated[str | None, typer.Option(
+        help="Keep the per-run rescorer models of `ours` here (default: a temporary folder).")]
+        = None,
 ) -> None:
     """Replay a stream of real-data queries (playlists, known items with typos, Last.fm tags)
     with simulated users (click models) against one live orchestrator per policy; write the
@@ -410,7 +418,8 @@ def simulate(
                       "p_play": p_play, **({"eta": eta} if click_model == "pbm" else {})},
         total_budget=budget, policies=[p.strip() for p in policies.split(",")] if policies else None,
         oracle=oracle, calibration_per_type=calibration, genres=genres, keep_state=keep_state,
-        command=" ".join(["ltrr", *sys.argv[1:]]),
+        command=" ".join(["ltrr", *sys.argv[1:]]), retrain_every=max(retrain_every, 0),
+        compare_no_retrain=compare_no_retrain, model_dir=model_dir,
     )
     sim = Simulation(cfg, s, es=client, redis=r, alias=alias)
     typer.echo(f"run {sim.run_id}: {rounds} rounds, arms {sim.arms}, sources {sim.sources.sizes()}")
@@ -423,6 +432,11 @@ def simulate(
         typer.echo(f"{v['qtype']}: ours {word} the best static policy {v['best_static']} "
                    f"({v['metric']} {v['ours']:.3f} vs {v['best_static_value']:.3f})")
     typer.echo(f"oracle plans: {report['oracle_plans']}")
+    rt = report.get("retraining", {})
+    if rt.get("runs"):
+        typer.echo(f"retraining: {len(rt['runs'])} runs, {rt.get('promotions', 0)} ranker "
+                   f"promotions, final rescorer v{rt.get('final_rescorer_version', 0)} (the Q2E "
+                   f"memory and QU jobs were skipped: they write shared catalog/model state)")
     typer.echo(f"seconds: {report['seconds']}; wrote {', '.join(report['files'])} to {out_dir}")
 
 

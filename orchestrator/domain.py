@@ -121,7 +121,10 @@ class ArmChoice:
 class SelectionDecision:
     """What the selector decided, with everything off-policy evaluation needs: for every
     eligible arm (keyed by template id) the sampled value, the posterior mean and the
-    probability that the policy includes the arm in this context (``propensities``)."""
+    probability that the policy includes the arm in this context (``propensities``), and the
+    probability that it picks exactly the chosen set of arms (``subset_propensity``: exact
+    for the uniform and fixed baselines, the fraction of the ``n_resamples + 1`` posterior
+    draws that give this subset for Thompson sampling)."""
 
     policy: str
     choices: tuple[ArmChoice, ...]
@@ -130,6 +133,7 @@ class SelectionDecision:
     expected: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
     propensities: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
     n_resamples: int = 0
+    subset_propensity: float = 1.0
 
     @property
     def budgets(self) -> dict[str, int]:

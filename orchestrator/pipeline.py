@@ -266,6 +266,10 @@ def _provenance(item: RankedItem) -> list[dict[str, Any]]:
              "score": round(p.score, 5), "norm_score": round(p.norm_score, 4)} for p in item.provenance]
 
 
+def _uuid4_str() -> str:
+    return str(uuid.uuid4())
+
+
 def decision_to_dict(decision: SelectionDecision) -> dict[str, Any]:
     return {
         "policy": decision.policy, "total_budget": decision.total_budget,
@@ -276,6 +280,7 @@ def decision_to_dict(decision: SelectionDecision) -> dict[str, Any]:
         "sampled": {k: round(v, 5) for k, v in decision.sampled.items()},
         "expected": {k: round(v, 5) for k, v in decision.expected.items()},
         "propensities": {k: round(v, 5) for k, v in decision.propensities.items()},
+        "subset_propensity": round(decision.subset_propensity, 5),
     }
 
 
@@ -348,6 +353,9 @@ class Orchestrator:
         Last good responses, served marked degraded while Elasticsearch is unavailable.
     recent:
         Impressions served recently, so feedback can be joined while Redis is unreachable.
+    request_id_factory:
+        Returns the id of each new request (default: a random UUID4). The id also seeds the
+        explore arm, so a seeded factory makes runs reproducible (the simulator passes one).
     """
 
     def __init__(self, *, es: Elasticsearch, redis: redis_lib.Redis, registry: TemplateRegistry,
@@ -361,7 +369,8 @@ class Orchestrator:
                  rescorer_reload_s: float = 30.0, signer: RequestSigner | None = None,
                  influence: InfluenceCap | None = None, writer: DurableRedisWriter | None = None,
                  fallback: FallbackCache | None = None,
-                 recent: RecentImpressions | None = None) -> None:
+                 recent: RecentImpressions | None = None,
+                 request_id_factory: Callable[[], str] | None = None) -> None:
         self.es = es
         self.redis = redis
         self.registry = registry
@@ -395,6 +404,7 @@ class Orchestrator:
         self.writer = writer
         self.fallback = fallback
         self.recent = recent
+        self.request_id_factory = request_id_factory or _uuid4_str
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -407,7 +417,8 @@ class Orchestrator:
                       feedback: Mapping[str, Any] | None = None,
                       rescoring: Mapping[str, Any] | None = None,
                       resilience: Mapping[str, Any] | None = None,
-                      check_services: bool = True) -> Orchestrator:
+                      check_services: bool = True,
+                      request_id_factory: Callable[[], str] | None = None) -> Orchestrator:
         """Build from :class:`OrchestratorSettings` (``es``, ``redis``, ``templates``, ``limits``
         slices; ``bandit`` / ``feedback`` / ``rescorer`` slices when present, else the
         ``*_DEFAULTS`` of this module, each overridable by the keyword dicts).
@@ -506,6 +517,7 @@ class Orchestrator:
             writer=writer, recent=RecentImpressions(res["impression_cache_size"]),
             fallback=(FallbackCache(res["fallback_cache_size"], max_age_s=res["fallback_max_age_s"])
                       if res["fallback_cache_size"] > 0 else None),
+            request_id_factory=request_id_factory,
         )
 
     # -- rescorer hot reload -----------------------------------------------------------------
@@ -582,7 +594,7 @@ class Orchestrator:
                 f"total_budget must be an integer in [1, {MAX_TOTAL_BUDGET}], got {total_budget!r}")
         budget = max(total_budget or self.total_budget, size)
         ctx = _coerce_context(context)
-        rid = str(uuid.uuid4())
+        rid = str(self.request_id_factory())
         set_request_id(rid)  # every log record of this search carries it
         timings: dict[str, float] = {}
 

@@ -42,7 +42,11 @@ remainder, so the budgets sum to the total.
 Propensities: the same rule applied to ``n_resamples`` further posterior draws (seeded
 ``numpy.random.Generator``); an arm's inclusion propensity is the fraction of the
 ``n_resamples + 1`` draws (the decision's own draw included, so a chosen arm never gets 0)
-that include it. Cost: one ``(n+1) x K`` normal draw and an argsort, ~50 us for K=5, n=200.
+that include it. The decision also records the propensity of the chosen *subset* (the
+fraction of the same ``n_resamples + 1`` draws whose subset is exactly the chosen one): the
+draws are ranked, so inclusions are correlated and the product of per-arm propensities is
+not the subset's probability. Cost: one ``(n+1) x K`` normal draw and an argsort, ~50 us for
+K=5, n=200.
 """
 
 from __future__ import annotations
@@ -348,6 +352,9 @@ class _ThompsonBase:
         mask = inclusion_mask(draws, min_arms=self.min_arms, max_arms=self.max_arms,
                               threshold=self.threshold)
         prop = mask.mean(axis=0)
+        # Joint propensity of the chosen subset (Monte Carlo over the same draws). Budgets are
+        # positive for every kept arm whenever total_budget >= number of kept arms.
+        p_subset = float((mask == mask[0]).all(axis=1).mean())
         first = draws[0]
         chosen = [i for i in np.argsort(-first, kind="stable") if mask[0, i]]
         budgets = allocate_budgets([float(first[i]) for i in chosen], total=total_budget,
@@ -361,7 +368,7 @@ class _ThompsonBase:
             sampled={a.template_id: float(first[i]) for i, a in enumerate(arms)},
             expected={a.template_id: float(mean[i]) for i, a in enumerate(arms)},
             propensities={a.template_id: float(prop[i]) for i, a in enumerate(arms)},
-            n_resamples=self.n_resamples,
+            n_resamples=self.n_resamples, subset_propensity=p_subset,
         )
 
     def partial_fit(self, context: SelectionContext, rewards: Sequence[ArmReward]) -> None:
@@ -590,7 +597,8 @@ class BetaThompsonSelector(_ThompsonBase):
 
 class UniformRandomSelector:
     """Baseline: a uniformly random subset size in ``[min_arms, max_arms]``, then a uniformly
-    random subset of that size, equal budgets. Propensities are exact: ``E[size] / K``."""
+    random subset of that size, equal budgets. Propensities are exact: ``E[size] / K`` per
+    arm, ``1 / (hi - lo + 1) / C(K, size)`` for the chosen subset."""
 
     name = "uniform_random"
 
@@ -618,6 +626,7 @@ class UniformRandomSelector:
             total_budget,
             sampled={a.template_id: float(i in picked) for i, a in enumerate(arms)},
             propensities={a.template_id: p for a in arms},
+            subset_propensity=1.0 / (hi - lo + 1) / math.comb(k, size),
         )
 
     def updates_for(self, context: SelectionContext, rewards: Sequence[ArmReward]) -> list[StatUpdate]:

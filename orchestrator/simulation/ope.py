@@ -10,10 +10,14 @@ logger and for the fixed plans, so the two action spaces coincide). Subset prope
 
 * uniform-random logger: exact, ``1 / (hi - lo + 1) / C(K, |S|)`` (size uniform in
   ``[lo, hi]``, then a uniform subset of that size among the ``K`` eligible arms);
-* any other logger (Thompson sampling): from the logged per-arm inclusion propensities
-  under an independence approximation, ``prod_{a in S} p_a * prod_{a not in S} (1 - p_a)``,
-  each ``p_a`` clipped to ``[clip, 1 - clip]``. Thompson inclusions are correlated (the
-  draws are ranked), so this is an approximation; the report shows how far it lands.
+* epsilon-greedy logger: exact (:func:`epsilon_greedy_subset_propensity`);
+* Thompson sampling: the decision's logged ``subset_propensity``, the fraction of its
+  ``n_resamples + 1`` posterior draws whose subset rule gives exactly the chosen subset
+  (Monte Carlo, resolution ``1 / (n_resamples + 1)``; the own draw counts, so it is never 0).
+  :func:`independent_subset_propensity` (``prod_{a in S} p_a * prod_{a not in S} (1 - p_a)``
+  from the per-arm propensities, clipped to ``[clip, 1 - clip]``) is the older
+  approximation; it ignores that the ranked draws make inclusions correlated, and the
+  report shows both.
 
 Estimators (``w_i = [a_i = pi(x_i)] / p_i``):
 ``IPS = mean(w r)``; ``SNIPS = sum(w r) / sum(w)``;

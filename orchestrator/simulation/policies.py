@@ -18,6 +18,7 @@ keep their statistics under their own Redis key prefix (the runner's business).
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -62,8 +63,9 @@ class EpsilonGreedySelector:
     statistics are Beta-style counts in the :class:`BanditStore` (Redis: shared by replicas),
     updated through ``updates_for`` from the same per-arm rewards every policy gets.
 
-    Propensities (per arm, exact): ``epsilon * E[size] / K + (1 - epsilon) * [arm is
-    greedy]``.
+    Propensities (exact): per arm ``epsilon * E[size] / K + (1 - epsilon) * [arm is
+    greedy]``; of the chosen subset ``epsilon / (hi - lo + 1) / C(K, |S|) + (1 - epsilon) *
+    [S is the greedy set]``.
     """
 
     name = "epsilon_greedy"
@@ -121,6 +123,8 @@ class EpsilonGreedySelector:
                 picked = greedy
         budgets = allocate_budgets([1.0] * len(picked), total=total_budget, min_budget=0)
         p_rand = ((lo + hi) / 2.0) / k
+        p_subset = (self.epsilon / (hi - lo + 1) / math.comb(k, len(picked))
+                    + (1.0 - self.epsilon) * float(picked == greedy))
         prop = {a.template_id: self.epsilon * p_rand + (1 - self.epsilon) * float(i in greedy)
                 for i, a in enumerate(arms)}
         return SelectionDecision(
@@ -130,7 +134,7 @@ class EpsilonGreedySelector:
             total_budget,
             sampled={a.template_id: float(i in picked) for i, a in enumerate(arms)},
             expected={a.template_id: float(means[i]) for i, a in enumerate(arms)},
-            propensities=prop,
+            propensities=prop, subset_propensity=p_subset,
         )
 
     def updates_for(self, context: SelectionContext,

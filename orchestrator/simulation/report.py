@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("ndcg", "success", "mrr", "cand_recall", "cand_hit", "clicked")
 #: Policies that learn or randomise (their arm shares over time are plotted).
-ADAPTIVE = ("ours", "epsilon_greedy", "random")
+ADAPTIVE = ("ours", "ours_no_retrain", "epsilon_greedy", "random")
 #: Reward per round (regret is computed on it).
 REWARD = "ndcg"
 
@@ -76,8 +76,10 @@ def static_policies(names: Iterable[str]) -> list[str]:
 def ope_section(per: Mapping[str, Sequence[Mapping[str, Any]]], plans: Mapping[str, Mapping[str, int]],
                 *, metrics: Sequence[str] = ("clicked", "ndcg")) -> dict[str, Any]:
     """Estimate every deterministic equal-budget policy (single arms, hybrid, oracle) from
-    the logs of ``random`` (exact propensities) and ``ours`` (independence approximation),
-    and compare with the target's actual mean in its own run of the same rounds."""
+    the logs of ``random`` and ``epsilon_greedy`` (exact subset propensities) and ``ours``
+    (the logged joint subset propensity of Thompson sampling; ``ours (indep.)`` the same
+    logs under the independence approximation, for comparison), and compare with the
+    target's actual mean in its own run of the same rounds."""
     from .policies import HYBRID_ARMS
 
     targets: dict[str, Any] = {}
@@ -89,14 +91,18 @@ def ope_section(per: Mapping[str, Sequence[Mapping[str, Any]]], plans: Mapping[s
     if "oracle" in per and plans:
         targets["oracle"] = per_type_target({k: list(v) for k, v in plans.items()})
     out: dict[str, Any] = {}
-    for logger_name in ("random", "ours", "epsilon_greedy"):
+    loggers = [("random", "random", "subset_propensity"), ("ours", "ours", "subset_propensity")]
+    if any("subset_propensity_indep" in r for r in per.get("ours", [])):
+        loggers.append(("ours (indep.)", "ours", "subset_propensity_indep"))
+    loggers.append(("epsilon_greedy", "epsilon_greedy", "subset_propensity"))
+    for label, logger_name, pcol in loggers:
         logs = per.get(logger_name)
         if not logs:
             continue
-        out[logger_name] = {}
+        out[label] = {}
         for metric in metrics:
             rounds = [LoggedRound(r["qtype"], tuple(r["eligible"]), frozenset(r["arms"]),
-                                  float(r["subset_propensity"]), float(r[metric])) for r in logs
+                                  float(r[pcol]), float(r[metric])) for r in logs
                       if not r.get("error")]
             if not rounds:
                 continue
@@ -113,7 +119,7 @@ def ope_section(per: Mapping[str, Sequence[Mapping[str, Any]]], plans: Mapping[s
                 res[tname] = d
             errs = {k: _r(_mean([abs(v[f"{k}_error"]) for v in res.values() if v[f"{k}_error"] is not None]), 5)
                     for k in ("ips", "snips", "dr")}
-            out[logger_name][metric] = {"targets": res, "mean_abs_error": errs}
+            out[label][metric] = {"targets": res, "mean_abs_error": errs}
     return out
 
 
@@ -123,14 +129,15 @@ def build_report(result: Any) -> dict[str, Any]:
     return report_from_rows(rows, config=result.config.as_dict(), oracle_plans=result.oracle_plans,
                             calibration=result.calibration, arms=result.arms,
                             query_counts=result.query_counts, source_sizes=result.source_sizes,
-                            seconds=result.seconds)
+                            seconds=result.seconds, retrains=result.retrains)
 
 
 def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, Any],
                      oracle_plans: Mapping[str, Mapping[str, int]], calibration: Mapping[str, Any],
                      arms: Sequence[str], query_counts: Mapping[str, int],
                      source_sizes: Mapping[str, int], seconds: Mapping[str, float],
-                     n_windows: int = 10) -> dict[str, Any]:
+                     n_windows: int = 10,
+                     retrains: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     per = by_policy(rows)
     n_rounds = int(config.get("rounds") or (max(r["t"] for r in rows) + 1 if rows else 0))
     oracle = {r["t"]: r[REWARD] for r in per.get("oracle", [])}
@@ -177,8 +184,32 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
         "oracle_calibration_top10": dict(calibration),
         "policies": policies,
         "ours_vs_best_static": verdicts,
+        "retraining": retraining_section(policies, retrains),
         "ope": ope_section(per, oracle_plans),
     }
+
+
+def retraining_section(policies: Mapping[str, Any],
+                       retrains: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The retraining runs of ``ours`` and its difference to ``ours_no_retrain`` (same
+    seeds, no retraining) overall and per query type."""
+    out: dict[str, Any] = {"runs": [dict(r) for r in retrains]}
+    if retrains:
+        out["promotions"] = sum(1 for r in retrains if r.get("train_ranker", {}).get("promoted"))
+        out["final_rescorer_version"] = retrains[-1].get("rescorer_version", 0)
+    if "ours" in policies and "ours_no_retrain" in policies:
+        diff: dict[str, Any] = {}
+        for t in (*QUERY_TYPES, "all"):
+            a = policies["ours"]["overall" if t == "all" else "by_type"]
+            b = policies["ours_no_retrain"]["overall" if t == "all" else "by_type"]
+            a, b = (a, b) if t == "all" else (a[t], b[t])
+            if not a.get("n"):
+                continue
+            diff[t] = {m: {"ours": a.get(m), "ours_no_retrain": b.get(m),
+                           "difference": _r((a.get(m) or 0) - (b.get(m) or 0))}
+                       for m in ("ndcg", "success", "mrr")}
+        out["ours_minus_no_retrain"] = diff
+    return out
 
 
 def table(report: Mapping[str, Any], *, metric_cols: Sequence[str] = ("success", "mrr", "ndcg",
@@ -204,6 +235,39 @@ def table(report: Mapping[str, Any], *, metric_cols: Sequence[str] = ("success",
         cells = [f"{bt[t].get('ndcg', float('nan')) or 0:.3f}" if bt[t].get("n") else "-" for t in QUERY_TYPES]
         cells += [f"{bt[t].get('success', float('nan')) or 0:.3f}" if bt[t].get("n") else "-" for t in QUERY_TYPES]
         lines.append("| " + " | ".join([n, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def retrain_table(report: Mapping[str, Any]) -> str:
+    """Markdown: one row per retraining of ``ours``, then ours minus ``ours_no_retrain``."""
+    sec = report.get("retraining") or {}
+    runs = sec.get("runs") or []
+    if not runs:
+        return ""
+    lines = ["| after round | events moved | feedback in posteriors | ranker groups (train/holdout) "
+             "| holdout nDCG current -> candidate | promoted | rescorer in use | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        tr = r.get("train_ranker", {})
+        m = tr.get("metrics") or {}
+
+        def f(x: Any) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
+        lines.append(f"| {r['after_round']} | {r.get('move_events', {}).get('moved', '-')} | "
+                     f"{r.get('rebuild_posteriors', {}).get('applied', '-')} | "
+                     f"{tr.get('train_groups', '-')}/{tr.get('holdout_groups', '-')} | "
+                     f"{f(m.get('current'))} -> {f(m.get('candidate'))} | "
+                     f"{'yes' if tr.get('promoted') else 'no'} | v{r.get('rescorer_version', 0)} | "
+                     f"{r.get('seconds', 0):.1f} |")
+    diff = sec.get("ours_minus_no_retrain") or {}
+    if diff:
+        lines += ["", "| query type | ours nDCG@10 | ours_no_retrain nDCG@10 | diff | ours success@10 "
+                      "| ours_no_retrain success@10 | diff |", "|---|---|---|---|---|---|---|"]
+        for t, d in diff.items():
+            lines.append(f"| {t} | {d['ndcg']['ours']:.3f} | {d['ndcg']['ours_no_retrain']:.3f} | "
+                         f"{d['ndcg']['difference']:+.3f} | {d['success']['ours']:.3f} | "
+                         f"{d['success']['ours_no_retrain']:.3f} | {d['success']['difference']:+.3f} |")
     return "\n".join(lines)
 
 
@@ -253,7 +317,8 @@ def rebuild(out_dir: Path, *, plots: bool = True) -> dict[str, Any]:
     report = report_from_rows(
         rows, config=old["config"], oracle_plans=old["oracle_plans"],
         calibration=old.get("oracle_calibration_top10", {}), arms=old["arms"],
-        query_counts=old["query_counts"], source_sizes=old["source_sizes"], seconds=old["seconds"])
+        query_counts=old["query_counts"], source_sizes=old["source_sizes"], seconds=old["seconds"],
+        retrains=old.get("retraining", {}).get("runs", []))
     return _write(report, rows, out_dir, plots=plots)
 
 
@@ -264,7 +329,8 @@ def _write(report: dict[str, Any], rows: Sequence[Mapping[str, Any]], out_dir: P
         files += plot_all(report, rows, out_dir)
     report["files"] = files
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "table.md").write_text(table(report) + "\n\n" + ope_table(report) + "\n", encoding="utf-8")
+    parts = [table(report), retrain_table(report), ope_table(report)]
+    (out_dir / "table.md").write_text("\n\n".join(p for p in parts if p) + "\n", encoding="utf-8")
     return report
 
 

@@ -18,11 +18,28 @@ the stream (other seed offset): one ``_msearch`` per calibration query runs ever
 arm at the full budget, and every subset of up to ``oracle_max_arms`` arms is evaluated
 offline by truncating each arm's list to its equal share, merging and rescoring exactly as
 the pipeline does (the kNN arm's truncated list approximates a smaller ``k``).
+
+Reproducibility: every policy's orchestrator gets a seeded request-id factory (the id seeds
+the explore arm) and a seeded selector, posteriors are reloaded synchronously
+(``refresh_interval_s=0``) and the rescorer is only reloaded right after a retraining, so
+the same ``seed`` gives the same per-round results (up to Elasticsearch time-outs).
+
+Retraining (``retrain_every=N``): after every ``N`` rounds the production retraining jobs
+run for ``ours`` on its own click log (:mod:`orchestrator.tasks` ``run_*``): its Redis
+stream is moved into a per-run events index, its bandit posteriors are rebuilt from the log
+and swapped in, and the ranker is trained and promoted (production rule: only when it beats
+the model in use on the newest held-out slice) into a per-run model folder that ``ours``
+then reloads. The Q2E memory job is never run (it writes into the shared catalog index) and
+neither is the QU job (it writes the shared QU model folder). ``ours_no_retrain`` is the
+same policy with the same seeds and no retraining, so the difference between the two is the
+effect of the retraining.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -41,11 +58,7 @@ from ..rescoring import FeatureExtractor, LinearRescorer
 from ..selection import FixedPlanSelector, UniformRandomSelector
 from ..templates import TemplateRegistry
 from .metrics import candidate_hit, candidate_recall, ndcg_at_k, reciprocal_rank, success_at_k
-from .ope import (
-    epsilon_greedy_subset_propensity,
-    independent_subset_propensity,
-    uniform_subset_propensity,
-)
+from .ope import independent_subset_propensity
 from .policies import (
     EpsilonGreedySelector,
     PolicySpec,
@@ -88,6 +101,13 @@ class SimConfig:
     command: str = ""
     #: Redis keys of the run live under ``<prefix_root><run id>:<policy>:``.
     prefix_root: str = "sim:"
+    #: Run the retraining jobs for ``ours`` after every this many rounds (0: never).
+    retrain_every: int = 0
+    #: With retraining, also run ``ours_no_retrain`` (same seeds, no retraining).
+    compare_no_retrain: bool = True
+    #: Folder for the per-run rescorer models of ``ours`` (default: a temporary folder,
+    #: deleted at the end unless ``keep_state``).
+    model_dir: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +139,11 @@ class RoundRecord:
     es_ms: float
     failed: int = 0
     error: str = ""
+    #: Subset propensity under the independence approximation (product of the per-arm
+    #: inclusion propensities), kept to compare OPE with the logged joint propensity.
+    subset_propensity_indep: float = 1.0
+    #: Version of the rescorer that ranked this round (0: the default model).
+    rescorer_version: int = 0
 
 
 @dataclass
@@ -132,6 +157,7 @@ class SimResult:
     source_sizes: dict[str, int]
     seconds: dict[str, float]
     queries: list[dict[str, Any]]
+    retrains: list[dict[str, Any]] = field(default_factory=list)
 
 
 def newest_arms_registry(folder: Path) -> TemplateRegistry:
@@ -141,14 +167,37 @@ def newest_arms_registry(folder: Path) -> TemplateRegistry:
     return TemplateRegistry({t.id: t for t in reg.by_arm.values()})
 
 
-def sim_settings(settings: Any, *, prefix: str, alias: str | None, max_results: int) -> Any:
+def sim_settings(settings: Any, *, prefix: str, alias: str | None, max_results: int,
+                 events_alias: str | None = None, model_dir: Path | None = None) -> Any:
+    """``settings`` for one policy: its Redis prefix, the catalog alias, and for a retrained
+    policy its own events alias, rescorer folder and no time decay of the posteriors (the
+    simulation has no calendar time: a run lasts minutes, so wall-clock decay would only
+    make the rebuild depend on timing)."""
     update: dict[str, Any] = {
         "redis": settings.redis.model_copy(update={"key_prefix": prefix}),
         "limits": settings.limits.model_copy(update={"max_results": max(max_results, settings.limits.max_results)}),
     }
+    es_update: dict[str, Any] = {}
     if alias:
-        update["es"] = settings.es.model_copy(update={"catalog_alias": alias})
+        es_update["catalog_alias"] = alias
+    if events_alias:
+        es_update["events_alias"] = events_alias
+    if es_update:
+        update["es"] = settings.es.model_copy(update=es_update)
+    if model_dir is not None:
+        update["rescorer"] = settings.rescorer.model_copy(update={"model_dir": model_dir})
+        update["bandit"] = settings.bandit.model_copy(update={"rebuild_half_life_days": None})
     return settings.model_copy(update=update)
+
+
+def seeded_request_ids(seed: Sequence[int]) -> Callable[[], str]:
+    """A request-id factory drawing UUID4-shaped ids from a seeded generator."""
+    rng = np.random.default_rng(list(seed))
+
+    def make() -> str:
+        return str(uuid.UUID(bytes=rng.bytes(16), version=4))
+
+    return make
 
 
 def _contexts(n: int, seed: int) -> list[dict[str, Any]]:
@@ -201,20 +250,37 @@ class Simulation:
                                   seed=config.seed, p_typo=config.p_typo, p_partial=config.p_partial)
         self._understander = understander
         self.prefixes: list[str] = []
+        self.model_dirs: list[Path] = []
+        self.retrain_settings: dict[str, Any] = {}
 
     # -- construction --------------------------------------------------------------------
     def prefix(self, policy: str) -> str:
         safe = policy.replace(":", "_")
         return f"{self.config.prefix_root}{self.run_id}:{safe}:"
 
+    def events_alias(self, policy: str) -> str:
+        """The per-run events alias of a retrained policy (lower case, as ES requires)."""
+        return f"ltrr-sim-events-{self.run_id}-{policy.replace(':', '_')}".lower()
+
     def _build(self, spec: PolicySpec, *, index: int, plan: Mapping[str, int] | None = None,
-               suffix: str = "") -> Orchestrator:
+               suffix: str = "", retrain: bool = False) -> Orchestrator:
         c = self.config
         prefix = self.prefix(spec.name + suffix)
         self.prefixes.append(prefix)
+        model_dir: Path | None = None
+        if retrain:
+            model_dir = self._model_dir(spec.name)
         s = sim_settings(self.settings, prefix=prefix, alias=self.alias,
-                         max_results=max(spec.max_candidates(c.total_budget), c.total_budget))
-        rescorer: LinearRescorer = rrf_rescorer() if spec.rescorer == "rrf" else LinearRescorer.default()
+                         max_results=max(spec.max_candidates(c.total_budget), c.total_budget),
+                         events_alias=self.events_alias(spec.name) if retrain else None,
+                         model_dir=model_dir)
+        rescorer: LinearRescorer | None = (
+            rrf_rescorer() if spec.rescorer == "rrf" else LinearRescorer.default())
+        rescoring: dict[str, Any] | None = None
+        if retrain:
+            # Promoted models are picked up right after each retraining (reload_rescorer(
+            # force=True)), never on a wall-clock timer: reproducible.
+            rescorer, rescoring = None, {"model_dir": str(model_dir), "reload_interval_s": 1e12}
         seed = c.seed * 1000 + index
         bandit = {"total_budget": c.total_budget, "seed": seed, "refresh_interval_s": 0.0}
         selector: Any = None
@@ -233,10 +299,55 @@ class Simulation:
             raise OrchestratorError(f"unknown policy kind {spec.kind!r}")
         orch = Orchestrator.from_settings(s, es=self.es, redis=self.redis,
                                           understander=self._understander, registry=self.registry,
-                                          selector=selector, rescorer=rescorer, bandit=bandit)
+                                          selector=selector, rescorer=rescorer, bandit=bandit,
+                                          rescoring=rescoring,
+                                          request_id_factory=seeded_request_ids((c.seed, index, 7)))
         if self._understander == "auto":
             self._understander = orch.understander
+        if retrain:
+            self.retrain_settings[spec.name] = s
         return orch
+
+    def _model_dir(self, policy: str) -> Path:
+        root = self.config.model_dir
+        if root:
+            path = Path(root) / f"{self.run_id}-{policy.replace(':', '_')}"
+        else:
+            path = Path(tempfile.mkdtemp(prefix=f"ltrr-sim-{self.run_id}-"))
+        path.mkdir(parents=True, exist_ok=True)
+        self.model_dirs.append(path)
+        return path
+
+    # -- retraining ----------------------------------------------------------------------
+    def retrain(self, name: str, orch: Orchestrator, *, t: int) -> dict[str, Any]:
+        """Run the retraining jobs for policy ``name`` on its own log (module docstring)."""
+        from ..tasks import run_move_events, run_rebuild_posteriors, run_train_ranker
+
+        s = self.retrain_settings[name]
+        out: dict[str, Any] = {"after_round": t + 1, "policy": name,
+                               "rescorer_version_before": orch.rescorer_version}
+        t0 = time.perf_counter()
+        steps = (("move_events", run_move_events), ("rebuild_posteriors", run_rebuild_posteriors),
+                 ("train_ranker", run_train_ranker))
+        for step, job in steps:
+            t1 = time.perf_counter()
+            try:
+                res = job(s, self.es, self.redis)
+            except OrchestratorError as exc:
+                logger.warning("retraining step %s after round %d failed: %s", step, t + 1, exc)
+                res = {"error": str(exc)[:300]}
+            res = {k: v for k, v in res.items() if k not in ("path",)}
+            res["seconds"] = round(time.perf_counter() - t1, 2)
+            out[step] = res
+        out["train_memory"] = {"skipped": "the Q2E job writes into the catalog index, "
+                                          "which the simulation shares"}
+        out["train_qu"] = {"skipped": "the QU job writes the shared QU model folder"}
+        out["reloaded"] = orch.reload_rescorer(force=True)
+        out["rescorer_version"] = orch.rescorer_version
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        logger.info("retrained %s after round %d: ranker %s, rescorer v%s", name, t + 1,
+                    out["train_ranker"].get("reason"), out["rescorer_version"])
+        return out
 
     # -- oracle calibration --------------------------------------------------------------
     def calibrate(self, queries: Sequence[SimQuery], probe: Orchestrator
@@ -283,9 +394,18 @@ class Simulation:
         specs = standard_policies(self.arms, total_budget=c.total_budget, include=c.policies)
         queries = self.stream.generate(c.rounds)
         contexts = _contexts(c.rounds, c.seed)
+        n_standard = len(specs)
+        retraining = c.retrain_every > 0 and any(s.name == "ours" for s in specs)
+        index_of = {s.name: i for i, s in enumerate(specs)}
+        if retraining and c.compare_no_retrain:
+            # Same seeds as ours (selector draws, request ids): the two differ by retraining only.
+            specs.append(PolicySpec("ours_no_retrain", "ours"))
+            index_of["ours_no_retrain"] = index_of["ours"]
         orchs: dict[str, Orchestrator] = {}
-        for i, spec in enumerate(specs):
-            orchs[spec.name] = self._build(spec, index=i)
+        for spec in specs:
+            orchs[spec.name] = self._build(spec, index=index_of[spec.name],
+                                           retrain=retraining and spec.name == "ours")
+        retrains: list[dict[str, Any]] = []
         plans: dict[str, dict[str, int]] = {}
         scores: dict[str, dict[tuple[str, ...], float]] = {}
         t_cal = time.perf_counter()
@@ -302,7 +422,7 @@ class Simulation:
             plans, scores = self.calibrate(calib, probe)
             oracle_spec = PolicySpec("oracle", "oracle", plans=plans)
             for qtype, plan in plans.items():
-                oracle_orchs[qtype] = self._build(oracle_spec, index=len(specs), plan=plan,
+                oracle_orchs[qtype] = self._build(oracle_spec, index=n_standard, plan=plan,
                                                   suffix=f"_{qtype}")
         t_cal = time.perf_counter() - t_cal
         names = [s.name for s in specs] + (["oracle"] if oracle_spec else [])
@@ -323,6 +443,8 @@ class Simulation:
                     if orch is None:
                         continue
                     records.append(self._round(t, name, spec_by[name], orch, q, ctx))
+                if retraining and (t + 1) % c.retrain_every == 0 and t + 1 < c.rounds:
+                    retrains.append(self.retrain("ours", orchs["ours"], t=t))
                 if bar is not None:
                     bar.update(1)
                 if on_round is not None:
@@ -343,6 +465,7 @@ class Simulation:
                      "total": round(time.perf_counter() - t_start, 2)},
             queries=[{"t": t, "qtype": q.qtype, "text": q.text, "qid": q.qid, "noise": q.noise,
                       "n_relevant": len(q.relevant)} for t, q in enumerate(queries)],
+            retrains=retrains,
         )
 
     def _round(self, t: int, name: str, spec: PolicySpec, orch: Orchestrator, q: SimQuery,
@@ -368,15 +491,9 @@ class Simulation:
         failed_arms = {f.template_id for f in resp.failures}
         arms = [ch.template_id for ch in resp.decision.choices]
         eligible = sorted(resp.decision.propensities)
-        if spec.kind == "random":
-            p_subset = uniform_subset_propensity(len(eligible), len(arms))
-        elif spec.kind == "epsilon_greedy":
-            p_subset = epsilon_greedy_subset_propensity(resp.decision.propensities, arms,
-                                                        epsilon=getattr(orch.selector, "epsilon", 0.0))
-        elif spec.kind == "ours":
-            p_subset = independent_subset_propensity(resp.decision.propensities, arms)
-        else:
-            p_subset = 1.0
+        # Every selector logs the probability of the subset it chose (exact for the uniform,
+        # epsilon-greedy and fixed ones; Monte Carlo over the posterior draws for Thompson).
+        p_subset = float(resp.decision.subset_propensity)
         return RoundRecord(
             t=t, policy=name, qtype=q.qtype, noise=q.noise, query=q.text,
             ndcg=ndcg_at_k(shown, q.relevant, c.display),
@@ -392,12 +509,21 @@ class Simulation:
             latency_ms=float(resp.timings_ms.get("total", 0.0)),
             es_ms=float(resp.timings_ms.get("es", 0.0)),
             failed=len(failed_arms),
+            subset_propensity_indep=independent_subset_propensity(resp.decision.propensities, arms),
+            rescorer_version=orch.rescorer_version,
         )
 
     def cleanup(self) -> int:
-        """Delete every Redis key of this run. Returns how many."""
+        """Delete every Redis key, events index and temporary model folder of this run.
+        Returns how many Redis keys."""
         n = 0
         for key in self.redis.scan_iter(match=f"{self.config.prefix_root}{self.run_id}:*", count=1000):
             n += int(self.redis.delete(key))
+        if self.retrain_settings:
+            pattern = f"{self.events_alias('')}*"
+            self.es.indices.delete(index=pattern, ignore_unavailable=True, allow_no_indices=True)
+        if not self.config.model_dir:
+            for path in self.model_dirs:
+                shutil.rmtree(path, ignore_errors=True)
         logger.info("deleted %d simulation keys of run %s", n, self.run_id)
         return n

@@ -1,10 +1,13 @@
 """A small simulation against the live catalog slice and Redis: the report's structure and
 ranges, the files it writes, the per-policy Redis prefixes (cleaned afterwards) and
-reproducibility (same seed -> same query stream and same single-arm results)."""
+reproducibility: the same seed gives the same query stream and identical per-round results,
+for a learning policy (Thompson sampling with its posteriors, seeded request ids and the
+retraining jobs on its own click log) as well as for a single arm."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -89,16 +92,54 @@ def test_small_simulation_report_files_and_reproducibility(es, redis_client, red
     assert seen_keys and seen_keys[0] > 0
     assert not list(redis_client.scan_iter(match=f"{redis_prefix}{sim.run_id}:*", count=1000))
 
-    # -- reproducibility: same seed, same stream, same single-arm results
-    again = Simulation(_config(redis_prefix, rounds=20, policies=["arm:lexical.v2"], oracle=False),
-                       settings, es=es, redis=redis_client, alias=catalog_slice, sources=sources)
-    res2 = again.run(progress=False)
-    assert [q["text"] for q in res2.queries] == [q["text"] for q in result.queries[:20]]
+    # -- reproducibility: same seed, same stream, identical rounds, also for the learning
+    #    policy with retraining jobs after rounds 10 and 20 (move its events to its own
+    #    index, rebuild its posteriors, train the ranker)
+    def rerun():
+        sim_ = Simulation(_config(redis_prefix, rounds=24, policies=["arm:lexical.v2", "ours"],
+                                  oracle=False, retrain_every=10),
+                          settings, es=es, redis=redis_client, alias=catalog_slice, sources=sources)
+        return sim_, sim_.run(progress=False)
+
+    def rounds_of(res, policy=None):
+        return [{k: v for k, v in asdict(r).items() if k not in ("latency_ms", "es_ms")}
+                for r in res.records if policy is None or r.policy == policy]
+
+    again, res2 = rerun()
+    assert [q["text"] for q in res2.queries] == [q["text"] for q in result.queries[:24]]
     first = [(r.query, r.ndcg, r.success, r.n_candidates, r.clicked)
-             for r in result.records if r.policy == "arm:lexical.v2"][:20]
-    second = [(r.query, r.ndcg, r.success, r.n_candidates, r.clicked) for r in res2.records]
+             for r in result.records if r.policy == "arm:lexical.v2"][:24]
+    second = [(r.query, r.ndcg, r.success, r.n_candidates, r.clicked)
+              for r in res2.records if r.policy == "arm:lexical.v2"]
     assert first == second
-    other = Simulation(_config(redis_prefix, rounds=20, seed=4, policies=["arm:lexical.v2"],
+    assert [rt["after_round"] for rt in res2.retrains] == [10, 20]
+    for rt in res2.retrains:
+        assert rt["move_events"]["moved"] > 0 and rt["rebuild_posteriors"]["swapped"], rt
+        assert "promoted" in rt["train_ranker"] and "skipped" in rt["train_memory"]
+    assert res2.retrains[1]["rebuild_posteriors"]["applied"] > res2.retrains[0]["rebuild_posteriors"]["applied"]
+    ours2 = rounds_of(res2, "ours")
+    assert len(ours2) == 24 and len({tuple(r["arms"]) for r in ours2}) > 1  # it explores
+    assert all(0 < r["subset_propensity"] <= 1 for r in ours2)
+    # the logged joint propensity is not the product of the per-arm ones
+    assert any(abs(r["subset_propensity"] - r["subset_propensity_indep"]) > 0.01 for r in ours2)
+    third_sim, res3 = rerun()
+    assert third_sim.run_id != again.run_id
+    assert rounds_of(res3) == rounds_of(res2)  # every policy, every round, bit for bit
+    for x, y in zip(res3.retrains, res2.retrains):  # (event ids and times differ: wall clock)
+        assert [x[k].get(c) for k, c in (("move_events", "moved"), ("rebuild_posteriors", "applied"),
+                                         ("train_ranker", "train_positives"),
+                                         ("train_ranker", "promoted"))] == \
+            [y[k].get(c) for k, c in (("move_events", "moved"), ("rebuild_posteriors", "applied"),
+                                      ("train_ranker", "train_positives"), ("train_ranker", "promoted"))]
+    # retraining state is per run and removed afterwards
+    for sim_ in (again, third_sim):
+        assert not es.indices.exists_alias(name=sim_.events_alias("ours"))
+        assert not any(p.exists() for p in sim_.model_dirs)
+    # Without a ranker promotion, a rebuild (no decay) reproduces the live posteriors, so
+    # ours and ours_no_retrain (same seeds) make the same decisions.
+    if all(not rt["train_ranker"]["promoted"] for rt in res2.retrains):
+        assert [r["arms"] for r in ours2] == [r["arms"] for r in rounds_of(res2, "ours_no_retrain")]
+    other = Simulation(_config(redis_prefix, rounds=24, seed=4, policies=["arm:lexical.v2"],
                                oracle=False), settings, es=es, redis=redis_client,
                        alias=catalog_slice, sources=sources)
-    assert [q.text for q in other.stream.generate(20)] != [q["text"] for q in res2.queries]
+    assert [q.text for q in other.stream.generate(24)] != [q["text"] for q in res2.queries]

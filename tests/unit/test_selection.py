@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -167,3 +168,44 @@ def test_linear_update_matches_closed_form():
     x = np.zeros(FEAT.dim)
     x[list(KNOWN.indices)] = KNOWN.values
     assert np.allclose(st.A, 1.5 * np.outer(x, x)) and np.allclose(st.b, 1.5 * x)
+
+
+def test_logged_subset_propensity_matches_empirical_subset_frequency():
+    """The decision's joint subset propensity (fraction of the n+1 posterior draws giving
+    exactly the chosen subset) is the probability of picking that subset: over many
+    selections from a fixed posterior, each subset's frequency matches its mean logged
+    propensity. The independence approximation (product of per-arm inclusions) does not."""
+    sel = LinearThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=5,
+                                 refresh_interval_s=0, n_resamples=400)
+    train(sel, rounds=3)  # some evidence, still uncertain: several subsets are likely
+    n = 3000
+    seen: dict[frozenset, list[float]] = {}
+    indep: dict[frozenset, float] = {}
+    for _ in range(n):
+        d = sel.select(KNOWN, ARMS, total_budget=60)
+        s = frozenset(c.template_id for c in d.choices)
+        assert 0 < d.subset_propensity <= 1
+        seen.setdefault(s, []).append(d.subset_propensity)
+        p_ind = 1.0
+        for tid, q in d.propensities.items():
+            p_ind *= q if tid in s else 1.0 - q
+        indep[s] = p_ind
+    assert len(seen) >= 3
+    for s, logged in seen.items():
+        assert abs(len(logged) / n - float(np.mean(logged))) < 0.03, (sorted(s), len(logged) / n)
+    # the subsets the rule can produce carry all the probability mass
+    assert sum(float(np.mean(v)) for v in seen.values()) == pytest.approx(1.0, abs=0.03)
+    assert max(abs(len(seen[s]) / n - indep[s]) for s in seen) > 0.05
+
+
+def test_baseline_subset_propensities_are_exact():
+    u = UniformRandomSelector(min_arms=1, max_arms=3, random_state=0)
+    d = u.select(KNOWN, ARMS, total_budget=60)
+    assert d.subset_propensity == pytest.approx(1 / 3 / math.comb(3, len(d.choices)))
+    counts: dict[frozenset, int] = {}
+    for _ in range(2100):
+        s = frozenset(c.template_id for c in u.select(KNOWN, ARMS, total_budget=60).choices)
+        counts[s] = counts.get(s, 0) + 1
+    assert len(counts) == 7 and all(abs(c / 2100 - 1 / 3 / math.comb(3, len(s))) < 0.04
+                                    for s, c in counts.items())
+    assert FixedPlanSelector({"lexical": 60}).select(KNOWN, ARMS, total_budget=60).subset_propensity == 1.0

@@ -288,6 +288,26 @@ def test_epsilon_greedy_learns_and_reports_exact_propensities():
     d = explorer.select(ctx, arms, total_budget=60)
     assert sum(c.budget for c in d.choices) == 60
     assert all(p == pytest.approx(0.5) for p in d.propensities.values())  # E[size]=2 of 4
+    # the decision logs the exact subset propensity (what OPE uses)
+    mixed = EpsilonGreedySelector(store, epsilon=0.3, n_greedy=1, random_state=2)
+    for _ in range(20):
+        d = mixed.select(ctx, arms, total_budget=60)
+        chosen = [c.template_id for c in d.choices]
+        assert d.subset_propensity == pytest.approx(
+            ope.epsilon_greedy_subset_propensity(d.propensities, chosen, epsilon=0.3))
+        assert d.subset_propensity >= (0.7 if chosen == ["memory.v1"] else 0.0)
+
+
+def test_seeded_request_ids_are_reproducible_uuid4():
+    import uuid
+
+    from orchestrator.simulation.runner import seeded_request_ids
+
+    a, b, c = seeded_request_ids((0, 1, 7)), seeded_request_ids((0, 1, 7)), seeded_request_ids((0, 2, 7))
+    ids = [a() for _ in range(50)]
+    assert ids == [b() for _ in range(50)] and len(set(ids)) == 50
+    assert all(uuid.UUID(i).version == 4 for i in ids)
+    assert c() not in ids
 
 
 def test_standard_policies_share_the_budget_except_all_arms():
