@@ -296,6 +296,30 @@ def explain(request_id: str) -> None:
     typer.echo(json.dumps(_orchestrator(_settings()).explain(request_id), indent=2, ensure_ascii=False))
 
 
+def _tcp_nodelay_for_worker_sockets() -> None:
+    """With ``--workers N > 1`` uvicorn binds the listening socket itself with protocol 0, so
+    asyncio never sets TCP_NODELAY on accepted connections and every keep-alive response waits
+    ~40 ms for a delayed ACK (uvicorn issue #3149; measured by benchmarks/load.py). Re-create
+    the bound socket as IPPROTO_TCP (same file descriptor) so asyncio sets it again."""
+    import socket
+
+    from uvicorn.config import Config
+
+    bind = Config.bind_socket
+    if getattr(bind, "_ltrr_nodelay", False):
+        return
+
+    def bind_tcp(self: Config) -> socket.socket:
+        sock = bind(self)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == 0:
+            sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
+            sock.set_inheritable(True)
+        return sock
+
+    bind_tcp._ltrr_nodelay = True  # type: ignore[attr-defined]
+    Config.bind_socket = bind_tcp  # type: ignore[method-assign]
+
+
 @app.command()
 def serve(host: Annotated[str, typer.Option()] = "127.0.0.1",
           port: Annotated[int, typer.Option()] = 8000,
@@ -309,8 +333,24 @@ def serve(host: Annotated[str, typer.Option()] = "127.0.0.1",
     # proxy_headers off: uvicorn would otherwise let any local caller pick its client address
     # (the rate-limit and influence-cap identity) with X-Forwarded-For; behind a trusted proxy
     # set security.client_ip_header instead.
+    if workers > 1:
+        _tcp_nodelay_for_worker_sockets()
     uvicorn.run("orchestrator.api:create_served_app", factory=True, host=host, port=port,
                 workers=workers, log_config=None, access_log=False, proxy_headers=False)
+
+
+@app.command()
+def spool(
+    action: Annotated[str, typer.Argument(help="status | replay")] = "status",
+    spool_dir: Annotated[str | None, typer.Option(help="Default: resilience.spool_dir.")] = None,
+) -> None:
+    """Redis writes (impressions, feedback) spooled to local disk while Redis was unreachable:
+    how many wait (status), or replay them into Redis now (replay; idempotent)."""
+    from .resilience import _main as spool_main
+
+    if action not in ("status", "replay"):
+        raise typer.BadParameter("status | replay", param_hint="ACTION")
+    raise typer.Exit(spool_main([action] + (["--spool-dir", spool_dir] if spool_dir else [])))
 
 
 @app.command()
@@ -449,7 +489,8 @@ def evaluate_ope(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Off-policy estimates (IPS, SNIPS, doubly robust) of the fixed policies and the oracle
-    from the logs of the random, Thompson (ours) and epsilon-greedy policies, each checked
+    from the logs of the random, Thompson (ours: logged joint subset propensities, and the
+    independence approximation for comparison) and epsilon-greedy policies, each checked
     against the target's actual simulated reward."""
     from pathlib import Path
 

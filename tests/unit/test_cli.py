@@ -12,7 +12,8 @@ from orchestrator.cli import app
 runner = CliRunner()
 COMMANDS = ["services", "check", "index", "qu", "qu-train", "search", "feedback", "explain",
             "serve", "retrain", "worker", "beat", "templates", "templates list",
-            "templates push", "templates render"]
+            "templates push", "templates render", "spool", "simulate", "evaluate",
+            "evaluate ope", "evaluate beir"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -41,3 +42,47 @@ def test_qu_prints_slots_and_intent():
 def test_retrain_without_now_does_nothing():
     res = runner.invoke(app, ["retrain"])
     assert res.exit_code == 2 and "--now" in res.output
+
+
+def test_serve_with_workers_binds_a_tcp_socket(monkeypatch):
+    """uvicorn --workers N binds with protocol 0, so asyncio skips TCP_NODELAY on accepted
+    connections (+40 ms per keep-alive response); `ltrr serve` re-creates it as IPPROTO_TCP."""
+    import socket
+
+    from uvicorn.config import Config
+
+    from orchestrator.cli import _tcp_nodelay_for_worker_sockets
+
+    monkeypatch.setattr(Config, "bind_socket", Config.bind_socket)  # restored after the test
+    config = Config(app="orchestrator.api:create_app", host="127.0.0.1", port=0, workers=2)
+    plain = config.bind_socket()
+    assert plain.proto == 0  # the uvicorn behaviour being worked around
+    plain.close()
+    _tcp_nodelay_for_worker_sockets()
+    _tcp_nodelay_for_worker_sockets()  # idempotent
+    sock = config.bind_socket()
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        sock.listen()
+        client = socket.create_connection(sock.getsockname()[:2])
+        conn, _ = sock.accept()
+        assert conn.proto == socket.IPPROTO_TCP  # what asyncio checks before setting NODELAY
+        conn.close()
+        client.close()
+    finally:
+        sock.close()
+
+
+def test_spool_status_counts_waiting_records(tmp_path):
+    from orchestrator.resilience import spool_key
+    from orchestrator.settings import OrchestratorSettings
+
+    s = OrchestratorSettings()
+    name = f"spool-{spool_key(s.redis.url, s.redis.key_prefix)}-1-abc.jsonl"
+    (tmp_path / name).write_text('{"kind": "apply", "payload": {}}\n' * 2, encoding="utf-8")
+    (tmp_path / "spool-otherkey0000-1-abc.jsonl").write_text('{"kind": "apply"}\n')  # not ours
+    res = runner.invoke(app, ["spool", "status", "--spool-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "1 spool file(s), 2 record(s)" in res.output
+    bad = runner.invoke(app, ["spool", "drop", "--spool-dir", str(tmp_path)])
+    assert bad.exit_code != 0 and "status | replay" in bad.output
