@@ -1,8 +1,7 @@
 """Load test of the HTTP API: ``POST /search`` + ``POST /feedback`` at increasing concurrency.
 
-For each server configuration (1 and 2 uvicorn workers by default: replicas sharing Redis;
-with 2 workers once as shipped and once with the TCP_NODELAY fix, see ``NODELAY_LAUNCHER``)
-it starts the API as a subprocess on 127.0.0.1 (a free port, its own Redis key prefix
+For each server configuration (``ltrr serve`` with 1 and 2 uvicorn workers by default:
+replicas sharing Redis) it starts the API as a subprocess on 127.0.0.1 (a free port, its own Redis key prefix
 ``load:<run>:w<N>:`` so the run's state is isolated and countable), warms every worker up,
 then runs one headless locust process per concurrency step (``benchmarks/locustfile.py``:
 closed loop, no think time, real queries; each step bounded by ``--step-seconds``) and
@@ -88,44 +87,20 @@ def pct(xs: list[float]) -> dict[str, float]:
             "n": int(a.size)}
 
 
-#: ``python -c`` launcher: uvicorn's CLI with the listening socket re-wrapped as IPPROTO_TCP.
-#: With ``--workers N > 1`` uvicorn (0.54 and earlier) binds the socket itself with ``proto``
-#: 0, accepted connections inherit it, and asyncio then skips ``TCP_NODELAY``: every
-#: keep-alive response waits ~40 ms on the client's delayed ACK (Kludex/uvicorn#3149). One
-#: worker is unaffected (asyncio binds the socket from ``getaddrinfo`` there).
-NODELAY_LAUNCHER = """
-import socket
-import uvicorn
-from uvicorn.config import Config
-_bind = Config.bind_socket
-def _bind_tcp(self):
-    sock = _bind(self)
-    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == 0:
-        sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
-        sock.set_inheritable(True)
-    return sock
-Config.bind_socket = _bind_tcp
-uvicorn.main()
-"""
-
-
 class Server:
-    """``uvicorn --factory orchestrator.api:create_app`` on 127.0.0.1 in its own session
-    (``nodelay_fix``: through :data:`NODELAY_LAUNCHER`)."""
+    """The product's server, ``ltrr serve --workers N``, on 127.0.0.1 in its own session
+    (``LTRR_LOG__LEVEL=WARNING``: one JSON access record per request would be the log's bulk)."""
 
-    def __init__(self, *, workers: int, env: dict[str, str], log_path: Path,
-                 nodelay_fix: bool = False) -> None:
+    def __init__(self, *, workers: int, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        launcher = ["-c", NODELAY_LAUNCHER] if nodelay_fix else ["-m", "uvicorn"]
-        self.cmd = [sys.executable, *launcher, "--factory", "orchestrator.api:create_app",
-                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
-                    "--log-level", "warning"]
-        self.label = f"uvicorn --workers {workers}" + (
-            " + TCP_NODELAY fix (benchmarks/load.py NODELAY_LAUNCHER)" if nodelay_fix else "")
+        self.cmd = [sys.executable, "-c", "from orchestrator.cli import main; main()", "serve",
+                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)]
+        self.label = f"ltrr serve --workers {workers}"
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.cmd, env={"LTRR_LOG__LEVEL": "WARNING", **env},
+                                     stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
@@ -361,11 +336,11 @@ HEADER = (f"{'workers':>7} {'users':>5} {'req/s':>8} {'search/s':>8} "
           f"{'errors':>6} {'cpu':>5} {'api':>5} {'es':>5} {'redis':>5} {'other':>5}  saturation")
 
 
-def run_config(*, workers: int, nodelay_fix: bool, args: argparse.Namespace,
+def run_config(*, workers: int, args: argparse.Namespace,
                base_env: dict[str, str], prefix: str, redis_client: Any, workdir: Path,
                headers: dict[str, str], es_pid: int | None,
                redis_pid: int | None) -> dict[str, Any]:
-    label = f"{workers}{'+nd' if nodelay_fix else ''}"
+    label = f"{workers}"
     spool_dir = workdir / f"spool-w{label}"
     env = {**base_env, "LTRR_REDIS__KEY_PREFIX": prefix, "LTRR_ES__CATALOG_ALIAS": args.alias,
            "LTRR_RESILIENCE__SPOOL_DIR": str(spool_dir)}
@@ -375,8 +350,7 @@ def run_config(*, workers: int, nodelay_fix: bool, args: argparse.Namespace,
         # capacity while the limiter and influence-cap code still runs on every request.
         env |= {"LTRR_SECURITY__FEEDBACK_RATE_LIMIT": str(10**9),
                 "LTRR_SECURITY__INFLUENCE_CAP": str(10**12)}
-    server = Server(workers=workers, env=env, log_path=workdir / f"server-w{label}.log",
-                    nodelay_fix=nodelay_fix)
+    server = Server(workers=workers, env=env, log_path=workdir / f"server-w{label}.log")
     steps: list[dict[str, Any]] = []
     reason = None
     try:
@@ -442,7 +416,7 @@ def run_config(*, workers: int, nodelay_fix: bool, args: argparse.Namespace,
     )
     best = max(steps, key=lambda s: s["rps"]) if steps else None
     return {
-        "workers": workers, "nodelay_fix": nodelay_fix, "label": label, "prefix": prefix,
+        "workers": workers, "label": label, "prefix": prefix,
         "server": server.label,
         "startup_and_warmup_s": round(startup_s, 1), "steps": [
             {k: v for k, v in s.items() if k != "counts"} | {"client_counts": s["counts"]}
@@ -480,9 +454,6 @@ def main() -> int:
     ap.add_argument("--no-stop", action="store_true", help="run every step, even past saturation")
     ap.add_argument("--api-key", default=os.environ.get("LTRR_LOAD_API_KEY"),
                     help="sent as X-API-Key (default: env LTRR_LOAD_API_KEY)")
-    ap.add_argument("--nodelay-fix", choices=("no", "yes", "both"), default="both",
-                    help="with more than one worker, also (yes: only) run the server through "
-                         "the TCP_NODELAY launcher (uvicorn#3149); default both")
     ap.add_argument("--server-limits", action="store_true",
                     help="keep the server's per-client feedback rate limit and influence cap "
                          "(default: raised out of reach, one locust process being one client)")
@@ -520,14 +491,10 @@ def main() -> int:
     t_all = time.monotonic()
     try:
         for workers in args.workers:
-            variants = {"no": [False], "yes": [True], "both": [False, True]}[args.nodelay_fix]
-            for fix in variants if workers > 1 else [False]:
-                prefix = f"{base_prefix}w{workers}{'nd' if fix else ''}:"
-                configs.append(run_config(workers=workers, nodelay_fix=fix, args=args,
-                                          base_env=base_env, prefix=prefix,
-                                          redis_client=redis_client, workdir=workdir,
-                                          headers=headers, es_pid=es_pid,
-                                          redis_pid=redis_pid))
+            prefix = f"{base_prefix}w{workers}:"
+            configs.append(run_config(workers=workers, args=args, base_env=base_env,
+                                      prefix=prefix, redis_client=redis_client, workdir=workdir,
+                                      headers=headers, es_pid=es_pid, redis_pid=redis_pid))
     finally:
         if not args.keep_keys:
             for key in redis_client.scan_iter(match=base_prefix + "*", count=1000):
