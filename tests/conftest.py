@@ -39,8 +39,8 @@ def settings() -> OrchestratorSettings:
 
 @pytest.fixture(scope="session")
 def es(settings):
-    from orchestrator.es_client import build_client, check_available
     from orchestrator.errors import ServiceUnavailableError
+    from orchestrator.es_client import build_client, check_available
 
     client = build_client(settings.es)
     try:

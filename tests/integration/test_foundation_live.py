@@ -134,7 +134,8 @@ def test_redis_has_aof_on(redis_client):
 
 
 def test_redis_down_is_a_clear_error():
-    from orchestrator.redis_client import build_redis, check_available as redis_check
+    from orchestrator.redis_client import build_redis
+    from orchestrator.redis_client import check_available as redis_check
 
     with pytest.raises(ServiceUnavailableError, match="Redis is not reachable"):
         redis_check(build_redis(RedisSettings(url="redis://127.0.0.1:1/0", socket_timeout_s=1)),
@@ -150,7 +151,7 @@ def test_cli_service_down_is_one_line_not_a_traceback(var):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "scripts/services up" in lines[0], proc.stderr
 
 

@@ -138,7 +138,7 @@ def test_learning_shifts_propensities_per_query_type(make_orch, known_titles):
     before_known, before_genre = propensities("Blinding Lights"), propensities("jazz")
     assert 0.3 < before_known["genre_popular.v1"] < 0.95 and 0.3 < before_genre["lexical.v1"] < 0.95
 
-    for round_ in range(40):
+    for _round in range(40):
         for known in (True, False):
             q = known_titles[int(rng.integers(len(known_titles)))] if known else GENRES[int(rng.integers(len(GENRES)))]
             resp = orch.search(q, context=CTX, size=10)

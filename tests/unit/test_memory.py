@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.memory import Interaction, PairEvidence, aggregate, blend, merge_entries, position_weight
+from orchestrator.memory import (
+    Interaction,
+    PairEvidence,
+    aggregate,
+    blend,
+    merge_entries,
+    position_weight,
+)
 
 NOW = 1_800_000_000.0
 
