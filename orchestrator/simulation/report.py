@@ -184,16 +184,30 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
         "oracle_calibration_top10": dict(calibration),
         "policies": policies,
         "ours_vs_best_static": verdicts,
-        "retraining": retraining_section(policies, retrains),
+        "retraining": retraining_section(policies, retrains, per),
         "ope": ope_section(per, oracle_plans),
     }
 
 
-def retraining_section(policies: Mapping[str, Any],
-                       retrains: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def paired_p_value(diffs: Sequence[float], *, n_perm: int = 20000, seed: int = 0) -> float | None:
+    """Two-sided paired sign-flip randomization test of mean(diffs) == 0 (seeded)."""
+    d = np.asarray(diffs, dtype=float)
+    if not len(d) or not np.any(d):
+        return None if not len(d) else 1.0
+    flips = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, len(d)))
+    return _r(float((np.abs((flips * d).mean(axis=1)) >= abs(d.mean()) - 1e-12).mean()), 4)
+
+
+def retraining_section(policies: Mapping[str, Any], retrains: Sequence[Mapping[str, Any]],
+                       per: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Any]:
     """The retraining runs of ``ours`` and its difference to ``ours_no_retrain`` (same
-    seeds, no retraining) overall and per query type."""
+    seeds, no retraining) overall and per query type, with the paired (same rounds)
+    randomization test's p-value."""
     out: dict[str, Any] = {"runs": [dict(r) for r in retrains]}
+    paired = {}
+    if per and "ours" in per and "ours_no_retrain" in per:
+        other = {r["t"]: r for r in per["ours_no_retrain"]}
+        paired = {r["t"]: (r, other[r["t"]]) for r in per["ours"] if r["t"] in other}
     if retrains:
         out["promotions"] = sum(1 for r in retrains if r.get("train_ranker", {}).get("promoted"))
         out["final_rescorer_version"] = retrains[-1].get("rescorer_version", 0)
@@ -205,8 +219,11 @@ def retraining_section(policies: Mapping[str, Any],
             a, b = (a, b) if t == "all" else (a[t], b[t])
             if not a.get("n"):
                 continue
+            pairs = [v for v in paired.values() if t == "all" or v[0]["qtype"] == t]
             diff[t] = {m: {"ours": a.get(m), "ours_no_retrain": b.get(m),
-                           "difference": _r((a.get(m) or 0) - (b.get(m) or 0))}
+                           "difference": _r((a.get(m) or 0) - (b.get(m) or 0)),
+                           "rounds_differing": sum(1 for x, y in pairs if x[m] != y[m]),
+                           "p_value": paired_p_value([x[m] - y[m] for x, y in pairs])}
                        for m in ("ndcg", "success", "mrr")}
         out["ours_minus_no_retrain"] = diff
     return out
@@ -262,12 +279,20 @@ def retrain_table(report: Mapping[str, Any]) -> str:
                      f"{r.get('seconds', 0):.1f} |")
     diff = sec.get("ours_minus_no_retrain") or {}
     if diff:
-        lines += ["", "| query type | ours nDCG@10 | ours_no_retrain nDCG@10 | diff | ours success@10 "
-                      "| ours_no_retrain success@10 | diff |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| query type | ours nDCG@10 | ours_no_retrain nDCG@10 | diff (p) | ours success@10 "
+                      "| ours_no_retrain success@10 | diff (p) |", "|---|---|---|---|---|---|---|"]
+
+        def pv(x: Any) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
         for t, d in diff.items():
-            lines.append(f"| {t} | {d['ndcg']['ours']:.3f} | {d['ndcg']['ours_no_retrain']:.3f} | "
-                         f"{d['ndcg']['difference']:+.3f} | {d['success']['ours']:.3f} | "
-                         f"{d['success']['ours_no_retrain']:.3f} | {d['success']['difference']:+.3f} |")
+            n, sc = d["ndcg"], d["success"]
+            lines.append(f"| {t} | {n['ours']:.3f} | {n['ours_no_retrain']:.3f} | "
+                         f"{n['difference']:+.3f} ({pv(n.get('p_value'))}) | {sc['ours']:.3f} | "
+                         f"{sc['ours_no_retrain']:.3f} | {sc['difference']:+.3f} ({pv(sc.get('p_value'))}) |")
+        lines.append("")
+        lines.append("p: paired sign-flip randomization test over the same rounds (same queries, "
+                     "same click randomness; identical until the first promoted ranker).")
     return "\n".join(lines)
 
 

@@ -467,3 +467,31 @@ def test_target_without_eligible_arms_has_known_zero_reward():
     log = _uniform_log(2000, seed=8)
     est = ope.estimate(log, ope.fixed_target(["w"]))  # "w" is never eligible: nothing shown
     assert est.ips == 0.0 and est.snips == 0.0 and est.dr == 0.0 and est.n_matched == 0
+
+
+def test_retraining_section_pairs_rounds_and_tests_the_difference():
+    from orchestrator.simulation.report import paired_p_value, retrain_table
+
+    rows = []
+    for t in range(60):
+        q = "tag" if t % 2 else "playlist"
+        base = 0.3
+        # retrained ours is better on tags after round 20, identical before and on playlists
+        rows.append(_row(t, "ours", q, base + (0.4 if q == "tag" and t >= 20 else 0.0), ["a.v1"]))
+        rows.append(_row(t, "ours_no_retrain", q, base, ["a.v1"]))
+    runs = [{"after_round": 20, "move_events": {"moved": 40}, "rebuild_posteriors": {"applied": 20},
+             "train_ranker": {"promoted": True, "train_groups": 16, "holdout_groups": 4,
+                              "metrics": {"current": 0.5, "candidate": 0.6}},
+             "rescorer_version": 1, "seconds": 1.0}]
+    rep = report_from_rows(rows, config={"rounds": 60, "display": 10}, oracle_plans={},
+                           calibration={}, arms=["a.v1"], query_counts={}, source_sizes={},
+                           seconds={}, retrains=runs)
+    sec = rep["retraining"]
+    assert sec["promotions"] == 1 and sec["final_rescorer_version"] == 1
+    tag, playlist = sec["ours_minus_no_retrain"]["tag"], sec["ours_minus_no_retrain"]["playlist"]
+    assert tag["ndcg"]["difference"] == pytest.approx(0.4 * 20 / 30, abs=1e-4)
+    assert tag["ndcg"]["rounds_differing"] == 20 and tag["ndcg"]["p_value"] < 0.001
+    assert playlist["ndcg"]["rounds_differing"] == 0 and playlist["ndcg"]["p_value"] == 1.0
+    assert paired_p_value([0.1, -0.1] * 20) == 1.0
+    text = retrain_table(rep)
+    assert "| 20 | 40 | 20 | 16/4 | 0.500 -> 0.600 | yes | v1 |" in text and "| tag |" in text
