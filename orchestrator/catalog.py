@@ -181,6 +181,17 @@ def _bool(value: str | None) -> bool | None:
     return {"true": True, "false": False}.get(value.strip().lower())
 
 
+def lastfm_rows(folder: Path, name: str, encoding: str = "utf-8") -> Iterator[list[str]]:
+    """Rows (tab-separated fields, header skipped) of one HetRec 2011 Last.fm ``.dat`` file;
+    ``tags.dat`` is latin-1, the others UTF-8; undecodable bytes are replaced."""
+    with (Path(folder) / name).open(encoding=encoding, errors="replace", newline="") as fh:
+        next(fh, None)
+        for line in fh:
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) >= 2:
+                yield parts
+
+
 class CatalogBuilder:
     """Merge the sources and yield entity documents.
 
@@ -295,12 +306,7 @@ class CatalogBuilder:
             return {}, {}
 
         def rows(name: str, encoding: str = "utf-8") -> Iterator[list[str]]:
-            with (folder / name).open(encoding=encoding, errors="replace", newline="") as fh:
-                next(fh, None)
-                for line in fh:
-                    parts = line.rstrip("\r\n").split("\t")
-                    if len(parts) >= 2:
-                        yield parts
+            return lastfm_rows(folder, name, encoding)
 
         names = {p[0]: fold(p[1]).strip() for p in rows("artists.dat")}
         tag_names = {p[0]: p[1].strip().lower() for p in rows("tags.dat", "latin-1")}

@@ -541,6 +541,17 @@ class LinearThompsonSelector(_ThompsonBase):
                     for a in arms}
 
 
+def beta_updates(context: SelectionContext, rewards: Sequence[ArmReward]) -> list[StatUpdate]:
+    """Beta-Bernoulli observations of ``rewards`` (clipped to [0, 1]): one for the context
+    bucket, one for the arm's all-context row ``"*"`` (the back-off prior)."""
+    out: list[StatUpdate] = []
+    for r in rewards:
+        rr = min(max(r.reward, 0.0), 1.0)
+        out.append(BetaUpdate(r.template_id, context.bucket, rr, r.weight))
+        out.append(BetaUpdate(r.template_id, "*", rr, r.weight))
+    return out
+
+
 class BetaThompsonSelector(_ThompsonBase):
     """Beta-Bernoulli Thompson sampling per (arm, context bucket), backing off to the arm's
     global rate for sparse buckets (see the module docstring)."""
@@ -587,12 +598,7 @@ class BetaThompsonSelector(_ThompsonBase):
 
     def updates_for(self, context: SelectionContext,
                     rewards: Sequence[ArmReward]) -> list[StatUpdate]:
-        out: list[StatUpdate] = []
-        for r in rewards:
-            rr = min(max(r.reward, 0.0), 1.0)
-            out.append(BetaUpdate(r.template_id, context.bucket, rr, r.weight))
-            out.append(BetaUpdate(r.template_id, "*", rr, r.weight))
-        return out
+        return beta_updates(context, rewards)
 
 
 class UniformRandomSelector:

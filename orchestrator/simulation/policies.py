@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..bandit_state import BanditStore, BetaUpdate, StatUpdate
+from ..bandit_state import BanditStore, StatUpdate
 from ..domain import ArmChoice, SelectionDecision
 from ..errors import ConfigurationError
 from ..rescoring import LinearRescorer
-from ..selection import ArmSpec, SelectionContext, allocate_budgets
+from ..selection import ArmSpec, SelectionContext, allocate_budgets, beta_updates
 
 if TYPE_CHECKING:
     from ..rewards import ArmReward
@@ -139,12 +139,7 @@ class EpsilonGreedySelector:
 
     def updates_for(self, context: SelectionContext,
                     rewards: Sequence[ArmReward]) -> list[StatUpdate]:
-        out: list[StatUpdate] = []
-        for r in rewards:
-            rr = min(max(r.reward, 0.0), 1.0)
-            out.append(BetaUpdate(r.template_id, context.bucket, rr, r.weight))
-            out.append(BetaUpdate(r.template_id, "*", rr, r.weight))
-        return out
+        return beta_updates(context, rewards)
 
 
 @dataclass(frozen=True)

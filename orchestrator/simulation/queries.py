@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..catalog import _stable_id, base_title
+from ..catalog import _stable_id, base_title, lastfm_rows
 from ..errors import ConfigurationError
 from ..text import fold, normalize_query
 
@@ -264,12 +264,7 @@ def load_tag_queries(data_dir: Path, *, artist_tracks: Mapping[str, set[str]] | 
         raise ConfigurationError(f"no Last.fm data under {folder}")
 
     def rows(name: str, encoding: str = "utf-8") -> Iterator[list[str]]:
-        with (folder / name).open(encoding=encoding, errors="replace", newline="") as fh:
-            next(fh, None)
-            for line in fh:
-                parts = line.rstrip("\r\n").split("\t")
-                if len(parts) >= 2:
-                    yield parts
+        return lastfm_rows(folder, name, encoding)
 
     if artist_tracks is None:
         artist_tracks = spotify_artist_tracks(data_dir)
