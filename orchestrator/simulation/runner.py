@@ -160,6 +160,10 @@ class SimResult:
     retrains: list[dict[str, Any]] = field(default_factory=list)
 
 
+#: Per-arm Elasticsearch time-out in simulations (serving default: 500ms).
+SIM_ARM_TIMEOUT = "5s"
+
+
 def newest_arms_registry(folder: Path) -> TemplateRegistry:
     """The newest version of every arm only (what the serving pipeline's registry iterates),
     so the "each arm alone" policies compare the arms users actually get."""
@@ -301,6 +305,9 @@ class Simulation:
                                           understander=self._understander, registry=self.registry,
                                           selector=selector, rescorer=rescorer, bandit=bandit,
                                           rescoring=rescoring,
+                                          # An arm cut short by the serving time-out would make
+                                          # a round depend on machine load: give it time here.
+                                          resilience={"arm_timeout": SIM_ARM_TIMEOUT},
                                           request_id_factory=seeded_request_ids((c.seed, index, 7)))
         if self._understander == "auto":
             self._understander = orch.understander
