@@ -601,6 +601,19 @@ class BetaThompsonSelector(_ThompsonBase):
         return beta_updates(context, rewards)
 
 
+def random_subset(rng: np.random.Generator, k: int, lo: int, hi: int) -> list[int]:
+    """A uniformly random size in ``[lo, hi]``, then a uniformly random subset of that size
+    of ``range(k)``, sorted (the uniform baseline, and epsilon-greedy's exploration)."""
+    size = int(rng.integers(lo, hi + 1))
+    return sorted(rng.choice(k, size=size, replace=False).tolist())
+
+
+def random_subset_propensities(k: int, lo: int, hi: int, size: int) -> tuple[float, float]:
+    """Exact propensities of :func:`random_subset`: each arm's inclusion probability
+    ``E[size] / k``, and the probability of one particular subset of ``size`` arms."""
+    return ((lo + hi) / 2.0) / k, 1.0 / (hi - lo + 1) / math.comb(k, size)
+
+
 class UniformRandomSelector:
     """Baseline: a uniformly random subset size in ``[min_arms, max_arms]``, then a uniformly
     random subset of that size, equal budgets. Propensities are exact: ``E[size] / K`` per
@@ -622,17 +635,17 @@ class UniformRandomSelector:
             return SelectionDecision(self.name, (), total_budget)
         lo, hi = min(self.min_arms, k), min(self.max_arms, k)
         with self._lock:
-            size = int(self.rng_.integers(lo, hi + 1))
-            picked = sorted(self.rng_.choice(k, size=size, replace=False).tolist())
+            picked = random_subset(self.rng_, k, lo, hi)
+        size = len(picked)
         budgets = allocate_budgets([1.0] * size, total=total_budget, min_budget=0)
-        p = ((lo + hi) / 2.0) / k
+        p, p_subset = random_subset_propensities(k, lo, hi, size)
         return SelectionDecision(
             self.name,
             tuple(ArmChoice(arms[i].arm, arms[i].template_id, b, 1.0, p) for i, b in zip(picked, budgets)),
             total_budget,
             sampled={a.template_id: float(i in picked) for i, a in enumerate(arms)},
             propensities={a.template_id: p for a in arms},
-            subset_propensity=1.0 / (hi - lo + 1) / math.comb(k, size),
+            subset_propensity=p_subset,
         )
 
     def updates_for(self, context: SelectionContext, rewards: Sequence[ArmReward]) -> list[StatUpdate]:

@@ -18,7 +18,6 @@ keep their statistics under their own Redis key prefix (the runner's business).
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,14 @@ from ..bandit_state import BanditStore, StatUpdate
 from ..domain import ArmChoice, SelectionDecision
 from ..errors import ConfigurationError
 from ..rescoring import LinearRescorer
-from ..selection import ArmSpec, SelectionContext, allocate_budgets, beta_updates
+from ..selection import (
+    ArmSpec,
+    SelectionContext,
+    allocate_budgets,
+    beta_updates,
+    random_subset,
+    random_subset_propensities,
+)
 
 if TYPE_CHECKING:
     from ..rewards import ArmReward
@@ -116,15 +122,10 @@ class EpsilonGreedySelector:
             order = np.lexsort((self.rng_.random(k), -means))
             greedy = sorted(order[: min(self.n_greedy, hi)].tolist())
             explore = bool(self.rng_.random() < self.epsilon)
-            if explore:
-                size = int(self.rng_.integers(lo, hi + 1))
-                picked = sorted(self.rng_.choice(k, size=size, replace=False).tolist())
-            else:
-                picked = greedy
+            picked = random_subset(self.rng_, k, lo, hi) if explore else greedy
         budgets = allocate_budgets([1.0] * len(picked), total=total_budget, min_budget=0)
-        p_rand = ((lo + hi) / 2.0) / k
-        p_subset = (self.epsilon / (hi - lo + 1) / math.comb(k, len(picked))
-                    + (1.0 - self.epsilon) * float(picked == greedy))
+        p_rand, p_rand_subset = random_subset_propensities(k, lo, hi, len(picked))
+        p_subset = self.epsilon * p_rand_subset + (1.0 - self.epsilon) * float(picked == greedy)
         prop = {a.template_id: self.epsilon * p_rand + (1 - self.epsilon) * float(i in greedy)
                 for i, a in enumerate(arms)}
         return SelectionDecision(
