@@ -377,36 +377,33 @@ def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_d
         return {"color": colors[n], "linewidth": 2.4 if bold else 1.1,
                 "linestyle": "-" if bold or not n.startswith("arm:") else "--"}
 
-    fig, ax = plt.subplots(figsize=(10, 6))
-    for n in names:
-        ax.plot([r["t"] + 1 for r in per[n]], np.cumsum([r[REWARD] for r in per[n]]), label=n, **style(n))
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"cumulative reward ({REWARD}@10)")
-    ax.set_title("Cumulative reward")
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "cumulative_reward.png", dpi=110)
-    plt.close(fig)
-    files.append("cumulative_reward.png")
-
-    if oracle:
+    def cumulative(file: str, value: Any, policies: list[str], *, ylabel: str, title: str,
+                   zero_line: bool = False) -> None:
+        """One line per policy: the running sum of ``value(round record)``."""
         fig, ax = plt.subplots(figsize=(10, 6))
-        for n in names:
-            if n == "oracle":
-                continue
-            ax.plot([r["t"] + 1 for r in per[n]],
-                    np.cumsum([oracle.get(r["t"], 0.0) - r[REWARD] for r in per[n]]), label=n, **style(n))
-        ax.axhline(0, color="black", linewidth=0.8)
+        for n in policies:
+            ax.plot([r["t"] + 1 for r in per[n]], np.cumsum([value(r) for r in per[n]]),
+                    label=n, **style(n))
+        if zero_line:
+            ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xlabel("round")
-        ax.set_ylabel(f"cumulative regret vs oracle ({REWARD}@10)")
-        ax.set_title("Cumulative regret (oracle = best fixed subset per query type, calibrated)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.legend(fontsize=8, ncol=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / "cumulative_regret.png", dpi=110)
+        fig.savefig(out_dir / file, dpi=110)
         plt.close(fig)
-        files.append("cumulative_regret.png")
+        files.append(file)
+
+    cumulative("cumulative_reward.png", lambda r: r[REWARD], names,
+               ylabel=f"cumulative reward ({REWARD}@10)", title="Cumulative reward")
+    if oracle:
+        cumulative("cumulative_regret.png", lambda r: oracle.get(r["t"], 0.0) - r[REWARD],
+                   [n for n in names if n != "oracle"],
+                   ylabel=f"cumulative regret vs oracle ({REWARD}@10)",
+                   title="Cumulative regret (oracle = best fixed subset per query type, calibrated)",
+                   zero_line=True)
 
     adaptive = [n for n in ADAPTIVE if n in report["policies"]]
     if adaptive:
