@@ -81,6 +81,13 @@ def timed(fn) -> tuple[float, str]:
     return (time.perf_counter() - t0) * 1000, outcome
 
 
+def wait_until_searching(orch: Orchestrator, timeout_s: float = 60.0) -> None:
+    """After a fault: retry a search until it succeeds (the breaker half-opens), or time out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and timed(lambda: orch.search("so what", size=5))[1] != "ok":
+        time.sleep(0.5)
+
+
 def build(spool_dir: str) -> Orchestrator:
     s = OrchestratorSettings()
     s = s.model_copy(update={
@@ -125,9 +132,7 @@ def main() -> int:
         out["es_stopped"] = [timed(lambda: orch.search("miles davis", size=5)) for _ in range(args.rounds)]
     finally:
         services("start-es")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and timed(lambda: orch.search("so what", size=5))[1] != "ok":
-        time.sleep(0.5)
+    wait_until_searching(orch)
 
     # Elasticsearch hung
     os.kill(es_pid(), signal.SIGSTOP)
@@ -135,9 +140,7 @@ def main() -> int:
         out["es_hung"] = [timed(lambda: orch.search("take five", size=5)) for _ in range(args.rounds)]
     finally:
         os.kill(es_pid(), signal.SIGCONT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and timed(lambda: orch.search("so what", size=5))[1] != "ok":
-        time.sleep(0.5)
+    wait_until_searching(orch)
 
     # Redis stopped
     resp = [orch.search(q, size=5) for q in QUERIES]
