@@ -53,6 +53,7 @@ import numpy as np
 import snowballstemmer
 from elasticsearch import Elasticsearch, helpers
 
+from . import metrics
 from .domain import ArmFailure, ArmRequest, ArmResult, Provenance
 from .embeddings import Encoder
 from .errors import ConfigurationError, IngestError
@@ -237,30 +238,11 @@ class Analyzer:
 # --- metrics -------------------------------------------------------------------------------
 
 
-def ndcg_at_k(ranking: Sequence[str], judged: Mapping[str, int], k: int = 10) -> float:
-    """nDCG@k of one ranking: ``sum_i rel_i / log2(i + 1)`` over the top k (i from 1),
-    divided by the same sum over the ideal ordering of ``judged``. Linear gain, as
-    pytrec_eval's ``ndcg_cut``; 0.0 when the query has no relevant document."""
-    dcg = sum(judged.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranking[:k]) if judged.get(d, 0) > 0)
-    ideal = sorted((r for r in judged.values() if r > 0), reverse=True)[:k]
-    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
-    return dcg / idcg if idcg > 0 else 0.0
-
-
-def recall_at_k(ranking: Sequence[str], judged: Mapping[str, int], k: int = 100) -> float:
-    """Share of the relevant (rel > 0) documents of ``judged`` that are in the top k."""
-    relevant = {d for d, r in judged.items() if r > 0}
-    if not relevant:
-        return 0.0
-    return len(relevant.intersection(ranking[:k])) / len(relevant)
-
-
-def mrr_at_k(ranking: Sequence[str], judged: Mapping[str, int], k: int = 10) -> float:
-    """``1 / rank`` of the first relevant document in the top k, 0.0 when there is none."""
-    for i, d in enumerate(ranking[:k], start=1):
-        if judged.get(d, 0) > 0:
-            return 1.0 / i
-    return 0.0
+# nDCG@k (trec_eval's ndcg_cut: linear gain, log2 discount), recall@k and MRR@k are the
+# project's one definition, orchestrator.metrics; re-exported here for existing callers.
+ndcg_at_k = metrics.ndcg_at_k
+recall_at_k = metrics.recall_at_k
+mrr_at_k = metrics.mrr_at_k
 
 
 def evaluate(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]], *,
