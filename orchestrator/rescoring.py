@@ -12,12 +12,40 @@ when missing):
   ``mood_match``, ``era_match``; query/title ``title_exact`` and ``title_overlap`` (Jaccard)
 * ``memory_score`` (the memory arm's normalised score), ``type_intent_match`` (entity type
   vs intent / entity_type slot), ``is_track`` / ``is_artist`` / ``is_album``
+* the learned memory's evidence for the (query, item) pair, from the candidate's
+  ``source["_memory"] = {"ctr", "exposures", "clicks"}`` (set when the memory arm returned the
+  item): ``memory_ctr`` = its CTR shrunk toward :data:`MEMORY_CTR_PRIOR` with
+  :data:`MEMORY_CTR_PRIOR_EXPOSURES` pseudo-exposures, ``memory_log_exposures`` =
+  ``log1p(exposures)``. Absent, they take their no-evidence values (``MEMORY_CTR_PRIOR`` and
+  0): the state of a pair the memory has never shown, neither a reward nor a penalty. (The
+  memory's ``ctr`` is already a posterior mean, :func:`orchestrator.memory.memory_score`; the
+  extra shrinkage is what makes "absent" and "no exposures yet" the same value.)
+
+Missing features are neutral, not 0. A feature a model knows but the extractor does not
+produce (an arm removed from the registry, a model from a wider layout) takes the model's
+stored neutral value (``missing`` in the JSON): :data:`MISSING_RANK` for ``rank:<arm>`` and
+``best_rank_log`` (as if the arm had not returned the item; 0 = log1p(0) would score better
+than rank 1), :data:`MISSING_SCORE` for ``nscore:<arm>``, the no-evidence values of the memory
+features, and the training mean otherwise (no contribution). Models saved before
+``schema_version`` 2 get these values when loaded.
 
 The default model, before any training, is reciprocal-rank fusion plus small priors
 (:data:`DEFAULT_WEIGHTS`: a top-ranked RRF contribution is 1/61 = 0.016; popularity adds at
 most 0.002; a candidate matching the query's title and artist slots gains 0.016-0.024, about
 one top rank: what QU recognised outranks arm agreement on loosely related items, while
 fusion still orders everything else).
+
+Training without position bias (:func:`train_rescorer` with :func:`ips_weights`): an IPS-weighted
+pointwise logistic loss. Under the position-based model a shown item at display position ``k``
+is clicked with probability ``theta_k * r`` (``theta`` from :mod:`orchestrator.examination`), so
+weighting each clicked row by ``1 / theta_k`` makes the expected positive mass of an item ``r``
+wherever it was shown (Joachims, Swaminathan & Schnabel 2017, "Unbiased learning-to-rank with
+biased feedback"; Wang et al. 2016, "Learning to rank with selection bias in personal search").
+Unclicked rows keep weight 1: their expected mass ``1 - theta_k r`` is close to ``1 - r`` when
+click rates are small (the exact unbiased loss, Saito et al. 2020, needs negative weights
+``1 - 1 / theta_k`` on clicked rows, which a convex solver cannot take). Weights are capped
+(``rescorer.ips_cap``) so a lucky deep click cannot dominate: bias traded for variance.
+
 Trained models are scikit-learn logistic regressions on standardised features, stored as
 versioned JSON (coefficients + metadata), never pickle: ``rescorer.v<N>.json`` files in a
 model folder whose ``current`` pointer (JSON ``{"version": N, ...}``, replaced atomically)
@@ -44,17 +72,53 @@ from .errors import NotFittedError, StateVersionError
 from .merging import RRF_K
 from .text import fold, normalize_query
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Model files this code reads (1: before per-feature neutral values were stored).
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MISSING_RANK = math.log1p(1000)
 MISSING_SCORE = -1.0
+#: ``memory_ctr`` of a pair without evidence, and the pseudo-exposures it is shrunk with.
+MEMORY_CTR_PRIOR = 0.1
+MEMORY_CTR_PRIOR_EXPOSURES = 2.0
 
 GENERIC_FEATURES: tuple[str, ...] = (
     "rrf", "n_arms", "best_rank_log", "max_norm_score",
     "popularity", "artist_popularity", "log_listeners",
     "artist_match", "title_match", "album_match", "genre_match", "mood_match", "era_match",
     "title_exact", "title_overlap", "memory_score", "type_intent_match",
-    "is_track", "is_artist", "is_album",
+    "is_track", "is_artist", "is_album", "memory_ctr", "memory_log_exposures",
 )
+
+#: Neutral values of features whose 0 means something (see the module docstring); other
+#: features are neutral at their training mean.
+_NEUTRAL_FIXED: dict[str, float] = {"best_rank_log": MISSING_RANK,
+                                    "memory_ctr": MEMORY_CTR_PRIOR, "memory_log_exposures": 0.0}
+
+
+def neutral_value(name: str, mean: float = 0.0) -> float:
+    """The value a model gives feature ``name`` when the extractor does not produce it."""
+    if name.startswith("rank:"):
+        return MISSING_RANK
+    if name.startswith("nscore:"):
+        return MISSING_SCORE
+    return _NEUTRAL_FIXED.get(name, float(mean))
+
+
+def memory_features(memory: Any) -> tuple[float, float]:
+    """``(memory_ctr, memory_log_exposures)`` of a candidate's ``source["_memory"]`` (module
+    docstring); the no-evidence values when it is absent or malformed."""
+    if not isinstance(memory, Mapping):
+        return MEMORY_CTR_PRIOR, 0.0
+    try:
+        ctr = float(memory.get("ctr") or 0.0)
+        exposures = float(memory.get("exposures") or 0.0)
+    except (TypeError, ValueError):
+        return MEMORY_CTR_PRIOR, 0.0
+    if not (math.isfinite(ctr) and math.isfinite(exposures)) or exposures <= 0:
+        return MEMORY_CTR_PRIOR, 0.0
+    ctr = max(ctr, 0.0)  # action-weighted click sums can exceed the examinations: no upper clip
+    s0 = MEMORY_CTR_PRIOR_EXPOSURES
+    return (ctr * exposures + MEMORY_CTR_PRIOR * s0) / (exposures + s0), math.log1p(exposures)
 
 DEFAULT_WEIGHTS: dict[str, float] = {
     "rrf": 1.0, "popularity": 0.002, "artist_match": 0.008, "title_match": 0.008,
@@ -150,6 +214,7 @@ class FeatureExtractor:
             row[17] = float(etype == "track")
             row[18] = float(etype == "artist")
             row[19] = float(etype == "album")
+            row[20], row[21] = memory_features(src.get("_memory"))
         return X
 
 
@@ -165,17 +230,19 @@ class LinearRescorer:
 
     The default (:meth:`default`) is RRF plus small priors; :func:`train_rescorer` fits one
     from logged feedback. Features the model does not know are ignored; features it knows
-    but the extractor lacks are 0.
+    but the extractor lacks take their neutral value ``missing_`` (default
+    :func:`neutral_value` of the feature and its mean, see the module docstring).
 
     Attributes
     ----------
-    feature_names, coef_, intercept_, mean_, scale_, metadata
+    feature_names, coef_, intercept_, mean_, scale_, missing_, metadata
     """
 
     def __init__(self, *, feature_names: Sequence[str], coef: Sequence[float],
                  intercept: float = 0.0, mean: Sequence[float] | None = None,
                  scale: Sequence[float] | None = None, name: str = "linear",
-                 metadata: Mapping[str, Any] | None = None) -> None:
+                 metadata: Mapping[str, Any] | None = None,
+                 missing: Sequence[float] | None = None) -> None:
         self.feature_names = tuple(feature_names)
         self.coef_ = np.asarray(coef, dtype=float)
         if len(self.coef_) != len(self.feature_names):
@@ -183,6 +250,10 @@ class LinearRescorer:
         self.intercept_ = float(intercept)
         self.mean_ = np.zeros(len(self.coef_)) if mean is None else np.asarray(mean, dtype=float)
         self.scale_ = np.ones(len(self.coef_)) if scale is None else np.asarray(scale, dtype=float)
+        self.missing_ = (np.array([neutral_value(n, m) for n, m in zip(self.feature_names, self.mean_)])
+                         if missing is None else np.asarray(missing, dtype=float))
+        if not len(self.mean_) == len(self.scale_) == len(self.missing_) == len(self.coef_):
+            raise ValueError("mean, scale and missing must have one value per feature")
         self.name = name
         self.metadata = dict(metadata or {})
         self._proj: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, float]] = {}
@@ -200,11 +271,14 @@ class LinearRescorer:
             pos = {n: i for i, n in enumerate(names)}
             w = np.zeros(len(names))
             offset = self.intercept_
-            for n, c, m, s in zip(self.feature_names, self.coef_, self.mean_, self.scale_):
+            for n, c, m, s, v in zip(self.feature_names, self.coef_, self.mean_, self.scale_,
+                                     self.missing_):
                 s = s if s > 0 else 1.0
                 if n in pos:
                     w[pos[n]] += c / s
-                offset -= c * m / s  # a missing feature counts as 0
+                    offset -= c * m / s
+                else:
+                    offset += c * (v - m) / s  # the extractor lacks it: its neutral value
             cols = np.nonzero(w)[0]
             hit = (cols, w[cols], offset)
             self._proj[names] = hit
@@ -235,19 +309,23 @@ class LinearRescorer:
             "intercept": self.intercept_,
             "mean": self.mean_.tolist(),
             "scale": self.scale_.tolist(),
+            "missing": self.missing_.tolist(),
             "metadata": self.metadata,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LinearRescorer:
-        if d.get("schema_version") != SCHEMA_VERSION or d.get("kind") != "linear":
+        """Read a model dict; version 1 files (no ``missing``) get the default neutral values."""
+        if d.get("schema_version") not in READABLE_SCHEMA_VERSIONS or d.get("kind") != "linear":
             raise StateVersionError(
                 f"rescorer model has schema_version={d.get('schema_version')!r} "
-                f"kind={d.get('kind')!r}; this code reads schema_version={SCHEMA_VERSION} kind='linear'"
+                f"kind={d.get('kind')!r}; this code reads schema_version in "
+                f"{READABLE_SCHEMA_VERSIONS} kind='linear'"
             )
+        missing = d.get("missing") if d["schema_version"] >= 2 else None
         return cls(feature_names=d["feature_names"], coef=d["coef"], intercept=d["intercept"],
                    mean=d["mean"], scale=d["scale"], name=d.get("name", "linear"),
-                   metadata=d.get("metadata"))
+                   metadata=d.get("metadata"), missing=missing)
 
     def save(self, folder: Path) -> Path:
         """Write ``rescorer.v<N>.json`` (N = next free version, recorded in ``metadata``) and
@@ -355,6 +433,11 @@ def train_rescorer(X: np.ndarray, y: np.ndarray, *, feature_names: Sequence[str]
     scale = X.std(axis=0)
     scale[scale == 0] = 1.0
     Z = (X - mean) / scale
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, dtype=float)
+        if sample_weight.shape != y.shape or not np.all(np.isfinite(sample_weight)) \
+                or np.any(sample_weight < 0):
+            raise ValueError("sample_weight must be one finite, non-negative weight per row")
     model = LogisticRegression(C=C, class_weight="balanced", max_iter=1000, random_state=random_state)
     model.fit(Z, y, sample_weight=sample_weight)
     auc = float(roc_auc_score(y, model.decision_function(Z)))
@@ -363,8 +446,23 @@ def train_rescorer(X: np.ndarray, y: np.ndarray, *, feature_names: Sequence[str]
         mean=mean, scale=scale, name="logistic",
         metadata={"kind": "logistic", "sklearn_version": sk_version, "n_samples": len(y),
                   "n_positive": int(y.sum()), "train_auc": auc, "C": C,
+                  "weighted": sample_weight is not None,
                   "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )
+
+
+def ips_weights(y: np.ndarray, positions: np.ndarray, examination: Any, *,
+                cap: float) -> np.ndarray:
+    """Training weights of the IPS-weighted loss (module docstring): ``min(1 / theta_k, cap)``
+    for a clicked row shown at display position ``k``, 1 for the others. ``examination`` is an
+    :class:`orchestrator.examination.ExaminationModel` (anything with ``propensity(k)``)."""
+    y = np.asarray(y)
+    positions = np.asarray(positions, dtype=int)
+    w = np.ones(len(y), dtype=float)
+    for i in np.nonzero(y > 0)[0]:
+        theta = max(float(examination.propensity(int(positions[i]))), 1e-12)
+        w[i] = max(1.0, min(1.0 / theta, float(cap)))
+    return w
 
 
 def dataset_from_events(events: Iterable[Mapping[str, Any]], *,
@@ -372,7 +470,18 @@ def dataset_from_events(events: Iterable[Mapping[str, Any]], *,
                         ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Join impression events (shown items with their features) and feedback events into a
     training set. Only impressions with at least one feedback are used; an item is positive
-    if any positive action hit it, negative otherwise (shown, not chosen, or skipped)."""
+    if any positive action hit it, negative otherwise (shown, not chosen, or skipped).
+    :func:`dataset_with_positions` also gives each row's display position."""
+    X, y, names, _ = dataset_with_positions(events, positive_actions=positive_actions)
+    return X, y, names
+
+
+def dataset_with_positions(events: Iterable[Mapping[str, Any]], *,
+                           positive_actions: Iterable[str] = ("click", "play", "like", "favorite"),
+                           ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], np.ndarray]:
+    """:func:`dataset_from_events` plus the display position of every row (the shown item's
+    logged ``rank``, which is the position the user saw, swaps included; its index + 1 when
+    the log has none), for inverse-propensity weights."""
     positive = set(positive_actions)
     impressions: dict[str, Mapping[str, Any]] = {}
     labels: dict[str, dict[str, int]] = {}
@@ -383,7 +492,7 @@ def dataset_from_events(events: Iterable[Mapping[str, Any]], *,
             lab = labels.setdefault(ev["request_id"], {})
             lab[ev["item_id"]] = max(lab.get(ev["item_id"], 0), int(ev["action"] in positive))
     names: tuple[str, ...] | None = None
-    rows, ys = [], []
+    rows, ys, pos = [], [], []
     for rid, lab in labels.items():
         imp = impressions.get(rid)
         if imp is None:
@@ -393,9 +502,14 @@ def dataset_from_events(events: Iterable[Mapping[str, Any]], *,
             names = fnames
         if fnames != names:
             continue  # a different arm layout; train per layout
-        for item in imp["shown"]:
+        for j, item in enumerate(imp["shown"], start=1):
             rows.append(item["features"])
             ys.append(lab.get(item["id"], 0))
+            try:
+                pos.append(max(1, int(item.get("rank") or j)))
+            except (TypeError, ValueError):
+                pos.append(j)
     if names is None:
-        return np.zeros((0, 0)), np.zeros(0), ()
-    return np.asarray(rows, dtype=float), np.asarray(ys, dtype=int), names
+        return np.zeros((0, 0)), np.zeros(0), (), np.zeros(0, dtype=int)
+    return (np.asarray(rows, dtype=float), np.asarray(ys, dtype=int), names,
+            np.asarray(pos, dtype=int))
