@@ -431,6 +431,14 @@ class QueryUnderstander:
         self._has_intent = bool(self._textcat is not None and self._textcat.labels
                                 and nlp.meta.get(INTENT_TRAINED_META))
 
+    @property
+    def version(self) -> str | None:
+        """The model's ``metadata.json`` ``version`` (``<recipe>+<data hash>``, new with every
+        promotion, see :mod:`orchestrator.qu_retrain`); every parse carries it as
+        ``ParsedQuery.model_version`` and the bandit state records it."""
+        v = self.metadata.get("version")
+        return str(v) if v is not None else None
+
     # -- loading --------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path = DEFAULT_MODEL_DIR, *, max_chars: int = 256,
@@ -682,7 +690,7 @@ class QueryUnderstander:
         return ParsedQuery(
             text=s.text, normalized=normalize_query(s.text), slots=tuple(slots), intent=intent,
             intent_probs={k: round(v, 4) for k, v in cats.items()}, language=language,
-            features=_features(s, slots, intent, cats, language),
+            features=_features(s, slots, intent, cats, language), model_version=self.version,
         )
 
 
@@ -762,6 +770,12 @@ def _read_version(path: Path) -> str | None:
         return json.loads((path / METADATA_FILENAME).read_text(encoding="utf-8")).get("version")
     except (OSError, ValueError):
         return None
+
+
+def model_version(path: str | Path | None = None) -> str | None:
+    """The ``version`` of the model promoted in ``path`` (default ``qu_models/``) without
+    loading it (one small file read); ``None`` when there is no readable model."""
+    return _read_version(Path(path) if path else DEFAULT_MODEL_DIR)
 
 
 def get_understander(path: str | Path | None = None, *,
@@ -870,6 +884,11 @@ class ReloadingUnderstander:
     @property
     def metadata(self) -> dict[str, Any]:
         return self.current().metadata
+
+    @property
+    def version(self) -> str | None:
+        """The version of the model in use right now (changes after a promotion)."""
+        return self.current().version
 
     def parse(self, text: str) -> ParsedQuery:
         """See :meth:`QueryUnderstander.parse`."""
