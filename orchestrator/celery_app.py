@@ -57,6 +57,14 @@ def make_app(settings: OrchestratorSettings | None = None) -> Celery:
                 "task": "orchestrator.tasks.retrain_all",
                 "schedule": settings.celery.retrain_every_s,
             },
+            # Feedback retrievable through the memory arm within seconds. A tick a worker did
+            # not pick up in time expires (the next one does the same work); no results kept.
+            "update-memory": {
+                "task": "orchestrator.tasks.update_memory",
+                "schedule": settings.celery.update_memory_every_s,
+                "options": {"expires": max(10.0, 5 * settings.celery.update_memory_every_s),
+                            "ignore_result": True},
+            },
         },
     )
     return app

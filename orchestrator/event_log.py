@@ -10,7 +10,8 @@ written by :mod:`orchestrator.feedback`), produces documents in the ``events`` a
 
 A worker killed between the bulk write and the ack leaves its entries pending; the next run
 claims them (``XAUTOCLAIM``) and writes them again under the same ids: nothing lost, nothing
-duplicated. Acknowledged entries older than every pending one are trimmed from the stream.
+duplicated. Entries every consumer group (this mover's and the memory updater's) has
+acknowledged, older than every pending one, are trimmed from the stream.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ class EventMover:
     """
 
     group = "ltrr-event-mover"
+    #: Other readers of the stream whose groups the mover creates (from the stream's start)
+    #: and whose unacknowledged entries it never trims: the memory updater
+    #: (:mod:`orchestrator.memory`). Without a running updater the stream is still capped by
+    #: ``feedback.stream_maxlen``.
+    reader_groups: tuple[str, ...] = ("memory",)
 
     def __init__(self, redis_client: redis.Redis, es: Elasticsearch, *, stream: str, alias: str,
                  mappings_dir: Path, consumer: str | None = None, claim_idle_ms: int = 60_000) -> None:
@@ -106,11 +112,12 @@ class EventMover:
                 self.es.indices.create(index=index, settings=body["settings"],
                                        mappings=body["mappings"],
                                        aliases={self.alias: {"is_write_index": True}})
-        try:
-            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for group in (self.group, *self.reader_groups):
+            try:
+                self.redis.xgroup_create(self.stream, group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     def _write(self, entries: list[tuple[bytes | str, dict[Any, Any]]]) -> tuple[list[str], int]:
         def s(x: Any) -> str:
@@ -173,17 +180,22 @@ class EventMover:
         return result
 
     def _trim(self) -> int:
-        """Drop acknowledged entries older than the oldest pending or undelivered one."""
-        info = self.redis.xpending(self.stream, self.group)
-        if info["pending"]:
-            floor = info["min"]
-        else:
-            groups = {g["name"]: g for g in self.redis.xinfo_groups(self.stream)}
-            g = groups.get(self.group.encode()) or groups.get(self.group)
-            if g is None:
-                return 0
+        """Drop entries every consumer group of the stream has acknowledged: older than the
+        oldest entry pending or undelivered in ANY group (the memory updater's ``memory``
+        group reads the same stream at its own pace, see :mod:`orchestrator.memory`)."""
+        floors = []
+        for g in self.redis.xinfo_groups(self.stream):
+            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+            info = self.redis.xpending(self.stream, name)
+            if info["pending"]:
+                low = info["min"]
+                floors.append(low.decode() if isinstance(low, bytes) else low)
+                continue
             last = g["last-delivered-id"]
             last = last.decode() if isinstance(last, bytes) else last
             ms, seq = last.split("-")
-            floor = f"{ms}-{int(seq) + 1}"
+            floors.append(f"{ms}-{int(seq) + 1}")
+        if not floors:
+            return 0
+        floor = min(floors, key=lambda i: tuple(int(x) for x in i.split("-")))
         return int(self.redis.xtrim(self.stream, minid=floor))

@@ -5,12 +5,11 @@ request, in order. Local mode renders templates here (JSON-safe) and sends ``_ms
 stored mode sends ``_msearch/template`` with template ids (clusters with ``lang-mustache``).
 A failing arm is an :class:`ArmFailure`, never a failed search; only a dead cluster raises.
 
-What counts as a failed arm (dropped from merging, and from rewards: only arms that ran are
-rewarded or blamed, see :func:`orchestrator.pipeline.executed_arms`): an error response of
+What counts as a failed arm (dropped from merging, and given the failure observation of
+:mod:`orchestrator.rewards` instead of being learned from its hits): an error response of
 its ``_msearch`` item, ``timed_out: true`` (status 504; its hits are whatever a partial search
-found, and learning from a truncated list would blame the arm for its time-out rather than its
-ranking), and any shard failure (status of the failure, a partial view of the catalog for the
-same reason). A dead node raises :class:`ServiceUnavailableError` at once (connection refused,
+found, and learning from a truncated list would judge the arm's ranking by its time-out), and
+any shard failure (status of the failure, a partial view of the catalog for the same reason). A dead node raises :class:`ServiceUnavailableError` at once (connection refused,
 retried ``max_retries`` times), a hung one after ``request_timeout_s`` (time-outs are not
 retried); with a :class:`~orchestrator.resilience.CircuitBreaker` repeated failures make later
 searches fail at once until the node answers a probe.
@@ -19,7 +18,7 @@ searches fail at once until the node answers a probe.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from elasticsearch import ApiError, Elasticsearch, TransportError
@@ -64,6 +63,13 @@ class MultiSearch:
         Elasticsearch client.
     index:
         Index or alias to search (the catalog alias).
+    indices:
+        Index roles to aliases (``{"memory": "ltrr-catalog-memory"}``): a template whose
+        sidecar names an ``index`` role searches that alias in the same ``_msearch`` (each
+        header names its index); a role missing here searches ``<index>-<role>``. Such a
+        sidecar may also say how its hits map to catalog items: ``hit_id_field`` (the hit's
+        candidate id), ``hit_source_field`` (its source) and ``hit_fields`` (``{name: {key:
+        field}}``: extra objects built from hit fields, e.g. ``_memory``).
     registry:
         The arm templates.
     mode:
@@ -79,11 +85,13 @@ class MultiSearch:
     """
 
     def __init__(self, client: Elasticsearch, *, index: str, registry: TemplateRegistry,
+                 indices: Mapping[str, str] | None = None,
                  mode: Literal["local", "stored"] = "local", arm_timeout: str = "500ms",
                  request_timeout_s: float = 10.0, max_param_bytes: int | None = None,
                  max_retries: int | None = None, breaker: CircuitBreaker | None = None) -> None:
         self.client = client
         self.index = index
+        self.indices = dict(indices or {})
         self.registry = registry
         self.mode = mode
         self.arm_timeout = arm_timeout
@@ -98,6 +106,25 @@ class MultiSearch:
         except Exception:  # noqa: BLE001 - only for the message
             return "the configured URL"
 
+    def index_for(self, template_id: str) -> str:
+        """The alias a template searches (its sidecar's ``index`` role, else the catalog)."""
+        role = self.registry.get(template_id).meta.get("index")
+        if not role:
+            return self.index
+        return self.indices.get(role) or f"{self.index}-{role}"
+
+    def _hit(self, template_id: str, rank: int, h: dict[str, Any]) -> Hit:
+        meta = self.registry.get(template_id).meta
+        src = h.get("_source", {})
+        if not meta.get("hit_id_field"):
+            return Hit(h["_id"], float(h.get("_score") or 0.0), rank, src)
+        source = dict(src.get(meta.get("hit_source_field") or "", {}) or {}) \
+            if meta.get("hit_source_field") else dict(src)
+        for name, fields in (meta.get("hit_fields") or {}).items():
+            source[name] = {k: src.get(f) for k, f in fields.items()}
+        return Hit(str(src.get(meta["hit_id_field"]) or h["_id"]), float(h.get("_score") or 0.0),
+                   rank, source)
+
     def render(self, request: ArmRequest) -> dict[str, Any]:
         body = self.registry.get(request.template_id).render(request.params, max_bytes=self.max_param_bytes)
         body.setdefault("timeout", self.arm_timeout)
@@ -111,10 +138,11 @@ class MultiSearch:
         for i, req in enumerate(requests):
             try:
                 if self.mode == "local":
-                    lines += [{"index": self.index}, self.render(req)]
+                    lines += [{"index": self.index_for(req.template_id)}, self.render(req)]
                 else:
                     params = self.registry.get(req.template_id).validate_params(req.params)
-                    lines += [{"index": self.index}, {"id": req.template_id, "params": params}]
+                    lines += [{"index": self.index_for(req.template_id)},
+                              {"id": req.template_id, "params": params}]
                 sent.append(i)
             except TemplateError as exc:
                 if raise_on_error:
@@ -176,9 +204,7 @@ class MultiSearch:
                     logger.warning("arm %s dropped: %s", req.arm, partial[1])
                     out[i] = ArmFailure(req.arm, req.template_id, partial[0], partial[1])
                     continue
-                hits = tuple(
-                    Hit(h["_id"], float(h.get("_score") or 0.0), rank, h.get("_source", {}))
-                    for rank, h in enumerate(r["hits"]["hits"], start=1)
-                )
+                hits = tuple(self._hit(req.template_id, rank, h)
+                             for rank, h in enumerate(r["hits"]["hits"], start=1))
                 out[i] = ArmResult(req.arm, req.template_id, hits, int(r.get("took", 0)))
         return out  # type: ignore[return-value]

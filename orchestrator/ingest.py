@@ -48,6 +48,7 @@ class IngestSummary:
     embed_seconds: float = 0.0
     swapped_from: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def docs_per_s(self) -> float:
@@ -59,7 +60,7 @@ class IngestSummary:
             "failed": dict(self.failed), "build_report": self.build_report,
             "seconds": round(self.seconds, 2), "embed_seconds": round(self.embed_seconds, 2),
             "docs_per_s": round(self.docs_per_s, 1), "swapped_from": self.swapped_from,
-            "deleted": self.deleted,
+            "deleted": self.deleted, "memory": self.memory,
         }
 
 
@@ -79,7 +80,8 @@ class CatalogIndexer:
     def __init__(self, client: Elasticsearch, *, alias: str, mappings_dir: Path,
                  encoder: Encoder | None, chunk_size: int = 500, thread_count: int = 2,
                  embed_batch: int = 2048, keep_old_indices: int = 1,
-                 max_failure_ratio: float = 0.01) -> None:
+                 max_failure_ratio: float = 0.01, memory_alias: str | None = None,
+                 memory: dict[str, Any] | None = None) -> None:
         self.client = client
         self.alias = alias
         self.mappings_dir = mappings_dir
@@ -89,6 +91,10 @@ class CatalogIndexer:
         self.embed_batch = embed_batch
         self.keep_old_indices = keep_old_indices
         self.max_failure_ratio = max_failure_ratio
+        #: Also seed this memory index alias with the predicted Q2E pairs (None: do not);
+        #: ``memory`` = keyword arguments of :func:`orchestrator.memory.seed_memory`.
+        self.memory_alias = memory_alias
+        self.memory = dict(memory or {})
 
     def _actions(self, docs: Iterable[dict[str, Any]], index: str, summary: IngestSummary,
                  progress: Any) -> Iterator[dict[str, Any]]:
@@ -176,6 +182,14 @@ class CatalogIndexer:
                 f"({dict(summary.failed)}); the alias {self.alias!r} was left unchanged"
             )
         summary.swapped_from, summary.deleted = self.swap_alias(index)
+        if self.memory_alias:
+            from .memory import seed_memory
+
+            # The predicted pairs of the new catalog (learned pairs carried over), swapped in.
+            summary.memory = seed_memory(self.client, catalog=index,
+                                         memory_alias=self.memory_alias,
+                                         mappings_dir=self.mappings_dir,
+                                         keep_old_indices=self.keep_old_indices, **self.memory)
         summary.seconds = time.perf_counter() - t0
         return summary
 

@@ -4,6 +4,11 @@ Consumes the :class:`ArmResult` s of one ``_msearch`` (failures are skipped), pr
 :class:`Candidate` s that keep their provenance in every arm (arm, rank, raw score and the
 score normalised by that arm's top score). Order of the output: reciprocal-rank fusion, so
 the list is meaningful even before rescoring; the rescorer decides the final order.
+
+Memory-index hits (the ``memory`` arm) arrive with the item id as their id and a denormalised
+copy of the item plus ``_memory`` (``ctr``, ``exposures``, ``clicks``) as their source (see
+:meth:`orchestrator.execution.MultiSearch._hit`). When a catalog arm also found the item, the
+catalog's source wins field by field and keeps the ``_memory`` annotation.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from .domain import ArmFailure, ArmResult, Candidate, Provenance
 
 #: The usual RRF constant (Cormack et al. 2009).
 RRF_K = 60
+#: Source key of a memory-index hit's annotation (its source is a copy of the item).
+MEMORY_KEY = "_memory"
 
 
 class Merger(Protocol):
@@ -28,7 +35,7 @@ def rrf(provenance: Sequence[Provenance], *, k: int = RRF_K) -> float:
 class UnionMerger:
     """Union of every arm's hits; a document found by several arms becomes one candidate
     with several provenance entries. ``_source`` is the union of what the arms returned
-    (arms may exclude different fields)."""
+    (arms may exclude different fields); a catalog arm's source beats a memory copy."""
 
     def __init__(self, *, rrf_k: int = RRF_K) -> None:
         self.rrf_k = rrf_k
@@ -49,6 +56,10 @@ class UnionMerger:
                         continue  # an arm returning a document twice (shouldn't) counts once
                     prov[h.id].append(p)
                     src = sources[h.id]
+                    if MEMORY_KEY in src and MEMORY_KEY not in h.source:
+                        # A catalog hit after a memory copy: the catalog's fields win.
+                        sources[h.id] = {**src, **h.source}
+                        continue
                     for key, value in h.source.items():
                         src.setdefault(key, value)
                 else:

@@ -83,7 +83,34 @@ def catalog_slice(es, settings):
     # Several pytest processes may want the slice at once: build it once, under a file lock.
     with open("/tmp/ltrr-test-slice.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _ensure_slice(es, settings, fingerprint)
+        alias = _ensure_slice(es, settings, fingerprint)
+        _ensure_slice_memory(es, settings, fingerprint)
+        return alias
+
+
+#: The memory index of the slice (``<catalog alias>-memory``, what the memory arm searches):
+#: its predicted pairs, read-only for tests (a test that learns uses its own memory alias).
+SLICE_MEMORY_ALIAS = f"{SLICE_ALIAS}-memory"
+
+
+def _ensure_slice_memory(es, settings, fingerprint: str) -> str:
+    """Seed the slice's memory index from its q2e pairs, once per slice build (the memory
+    index records the physical slice index it was seeded from)."""
+    from orchestrator.memory import seed_memory
+
+    catalog = sorted(es.indices.get_alias(name=SLICE_ALIAS).body)[0]
+    wanted = f"{fingerprint};memory=v1;catalog={catalog}"
+    if es.indices.exists_alias(name=SLICE_MEMORY_ALIAS):
+        meta = next(iter(es.indices.get_mapping(index=SLICE_MEMORY_ALIAS).body.values()))
+        if meta["mappings"].get("_meta", {}).get("fingerprint") == wanted:
+            return SLICE_MEMORY_ALIAS
+    res = seed_memory(es, catalog=catalog, memory_alias=SLICE_MEMORY_ALIAS, keep_old_indices=0,
+                      prior_strength=settings.memory.prior_strength,
+                      min_score=settings.memory.min_score,
+                      mappings_dir=settings.ingest.mappings_dir)
+    es.indices.put_mapping(index=res["index"], meta={"schema": "memory", "version": 1,
+                                                     "fingerprint": wanted})
+    return SLICE_MEMORY_ALIAS
 
 
 def _ensure_slice(es, settings, fingerprint: str) -> str:

@@ -51,7 +51,12 @@ def test_killed_worker_loses_and_duplicates_nothing(es, redis_client, redis_pref
     stored = {h["_id"] for h in es.search(index=alias, size=500, source=False)["hits"]["hits"]}
     assert stored == set(ids)
     assert redis_client.xpending(stream, "ltrr-event-mover")["pending"] == 0
-    # Moved entries are trimmed from the stream.
-    assert redis_client.xlen(stream) == 0
+    # Moved entries stay until the memory updater's group has acknowledged them too ...
+    assert redis_client.xlen(stream) == 250
+    for eid, _ in redis_client.xreadgroup("memory", "test", {stream: ">"})[0][1]:
+        redis_client.xack(stream, "memory", eid)
+    # ... then the next move trims them.
+    (res,) = harness.run("move_events")
+    assert res["trimmed"] == 250 and redis_client.xlen(stream) == 0
     doc = es.get(index=alias, id=ids[1])["_source"]
     assert doc["type"] == "feedback" and doc["item_id"] == "track:1" and doc["rank"] == 2

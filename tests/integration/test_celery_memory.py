@@ -1,5 +1,6 @@
 """Q2E memory learned by a real Celery worker: after users chose an item for a query that
-never matches it lexically, the memory arm retrieves it for that query."""
+never matches it lexically, the memory arm retrieves it for that query (the incremental
+``update_memory`` task, then the ``train_memory`` repair rebuild)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from celery_helpers import WorkerHarness
 
 from orchestrator.arms import build_requests
 from orchestrator.catalog import CatalogBuilder
+from orchestrator.examination import ExaminationModel
 from orchestrator.execution import MultiSearch
 from orchestrator.ingest import CatalogIndexer
+from orchestrator.memory import pair_id
 from orchestrator.templates import TemplateRegistry
 
 pytestmark = [pytest.mark.celery_worker, pytest.mark.elasticsearch, pytest.mark.redis]
@@ -31,10 +34,11 @@ def _run(es, settings, alias, arm):
 
 def test_memory_arm_learns_from_clicks(es, settings, redis_client, redis_prefix, test_alias,
                                        tmp_path):
+    memory_alias = f"{test_alias}-memory"  # what the worker derives from the catalog alias
     summary = CatalogIndexer(es, alias=test_alias, mappings_dir=settings.ingest.mappings_dir,
-                             encoder=None).run(CatalogBuilder(settings.ingest.data_dir, limit=400),
-                                               progress=False)
-    assert summary.indexed > 400
+                             encoder=None, memory_alias=memory_alias).run(
+        CatalogBuilder(settings.ingest.data_dir, limit=400), progress=False)
+    assert summary.indexed > 400 and summary.memory["pairs"] > 400
     target = es.search(index=test_alias, size=1, sort=[{"entity_id": "asc"}],
                        query={"term": {"entity_type": "track"}})["hits"]["hits"][0]["_id"]
     assert target not in _run(es, settings, test_alias, "memory")
@@ -55,20 +59,31 @@ def test_memory_arm_learns_from_clicks(es, settings, redis_client, redis_prefix,
     harness = WorkerHarness(LTRR_REDIS__KEY_PREFIX=redis_prefix, LTRR_ES__EVENTS_ALIAS=events_alias,
                             LTRR_ES__CATALOG_ALIAS=test_alias, LTRR_QU__MODEL_DIR=str(qu_dir))
     try:
-        moved, memory, again, qu = harness.run("move_events", "train_memory", "train_memory",
-                                               "train_qu")
+        moved, memory, again = harness.run("move_events", "update_memory", "update_memory")
         assert moved["moved"] == 6
-        assert memory["interactions"] == 3 and memory["items"] == 1 and memory["new_pairs"] == 1
-        # Idempotent: a second run writes the same entry, adds nothing new.
-        assert again["new_pairs"] == 0 and again["items"] == 1
-        hits = _run(es, settings, test_alias, "memory")
-        assert hits[:1] == [target]
-        q2e = {e["query_key"]: e for e in es.get(index=test_alias, id=target)["_source"]["q2e"]}
-        learned = q2e["songs my grandmother hums while baking"]
-        assert learned["source"] == "observed" and learned["count"] == 3.0
-        assert 0.5 < learned["score"] <= 1.0
-        # The predicted (cold-start) entries are kept with their priors.
-        assert any(e["source"] == "predicted" for e in q2e.values())
+        # Incremental: six new events, one pair created by its first play (the "other"
+        # items are not in the catalog: their exposures wait in Redis, never written).
+        assert memory["events"] == 6 and memory["created"] == 1 and memory["pending"] == 3
+        assert again["events"] == 0  # nothing new: nothing rewritten
+        es.indices.refresh(index=memory_alias)
+        assert _run(es, settings, test_alias, "memory")[:1] == [target]
+        learned = es.get(index=memory_alias, id=pair_id(QUERY, target))["_source"]
+        theta4 = ExaminationModel.default().propensity(4)
+        assert learned["source"] == "learned" and learned["clicks"] == 4.5
+        assert learned["examinations"] == pytest.approx(3 * theta4, abs=1e-4)
+        assert learned["score"] == pytest.approx(4.5 / (3 * theta4 + 2), abs=1e-4)
+        assert learned["item"]["title"] and "embedding" not in learned["item"]
+        # The repair rebuild recomputes it from the events index, decayed (the events are
+        # days old): fewer clicks, still the memory arm's top hit.
+        repair, qu = harness.run("train_memory", "train_qu")
+        assert repair["events"] == 6 and repair["written"] >= 1
+        rebuilt = es.get(index=memory_alias, id=pair_id(QUERY, target))["_source"]
+        assert 0 < rebuilt["clicks"] < 4.5
+        assert _run(es, settings, test_alias, "memory")[:1] == [target]
+        # The predicted (cold-start) pairs of the catalog are untouched.
+        predicted = es.search(index=memory_alias, size=5, query={"bool": {"filter": [
+            {"term": {"item_id": target}}, {"term": {"source": "predicted"}}]}})["hits"]["hits"]
+        assert predicted and all(h["_source"]["clicks"] == 0 for h in predicted)
         # The QU task ran on the worker too: three clicks of one query are below what a
         # promotion needs, so the model folder is untouched and still loads.
         assert qu["promoted"] is False and "reason" in qu

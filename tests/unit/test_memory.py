@@ -1,67 +1,159 @@
-"""Q2E memory learning: position bias, decay, priors giving way to evidence."""
+"""The Q2E memory's arithmetic (no services): the debiased CTR with a predicted prior, skips,
+negative-only pairs, the per-batch aggregation, and the merge of memory-index hits."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from orchestrator.domain import ArmResult, Hit
+from orchestrator.examination import ExaminationModel
 from orchestrator.memory import (
     Interaction,
-    PairEvidence,
     aggregate,
-    blend,
-    merge_entries,
-    position_weight,
+    interactions_from_events,
+    memory_score,
+    pair_document,
+    pair_id,
 )
+from orchestrator.merging import UnionMerger
 
-NOW = 1_800_000_000.0
-
-
-def clicks(n, *, key="sad songs", item="track:a", rank=1, action="click", age_days=0.0):
-    return [Interaction(key, item, action, rank, NOW - age_days * 86400) for _ in range(n)]
+THETA = ExaminationModel.default()
 
 
-def test_deeper_clicks_weigh_more_but_capped():
-    assert position_weight(1) == 1.0
-    assert position_weight(3) == pytest.approx(2.0)
-    assert position_weight(100) == 3.0
-    shallow = aggregate(clicks(1, rank=1), now=NOW)["track:a"]["sad songs"].pos
-    deep = aggregate(clicks(1, rank=7), now=NOW)["track:a"]["sad songs"].pos
-    assert deep == pytest.approx(3.0) and shallow == pytest.approx(1.0)
+def imp(rid, key, items, eid):
+    return {"type": "impression", "request_id": rid, "query_key": key, "event_id": eid,
+            "shown": [{"id": it, "rank": r} for r, it in enumerate(items, start=1)]}
 
 
-def test_old_evidence_decays():
-    fresh = aggregate(clicks(1), now=NOW, half_life_days=10)["track:a"]["sad songs"].pos
-    old = aggregate(clicks(1, age_days=10), now=NOW, half_life_days=10)["track:a"]["sad songs"].pos
-    assert old == pytest.approx(fresh / 2)
+def fb(rid, key, item, action, eid):
+    return {"type": "feedback", "request_id": rid, "query": key, "item_id": item,
+            "action": action, "event_id": eid}
 
 
-def test_skips_are_negative_evidence_and_unknown_actions_ignored():
-    ev = aggregate(clicks(2, action="skip") + clicks(1, action="hover"), now=NOW)
-    assert ev["track:a"]["sad songs"].neg == pytest.approx(1.0)
-    assert ev["track:a"]["sad songs"].count == 2
+def test_score_is_a_ctr_with_the_predicted_prior():
+    assert memory_score(0, 0, prior=0.8) == 0.8  # no evidence: the prediction
+    assert memory_score(10, 10, prior=0.2) == pytest.approx((10 + 2 * 0.2) / (10 + 2))
+    # evidence takes over: 90 clicks in 100 examinations -> ~0.89 whatever the prior
+    assert memory_score(90, 100, prior=0.1) == pytest.approx(90.2 / 102)
+    # a popular item does not saturate: many exposures, few clicks, a low score
+    assert memory_score(5, 500, prior=0.9) < 0.02
 
 
-def test_prior_gives_way_to_evidence():
-    assert blend(0.8, None) == 0.8
-    assert blend(0.3, PairEvidence(pos=20, neg=0, count=20)) > 0.9
-    assert blend(0.8, PairEvidence(pos=0, neg=10, count=10)) < 0.2
+def test_examinations_are_the_position_propensities():
+    agg = aggregate([imp("r", "q", ["a", "b", "c"], "1-0")], examination=THETA)
+    assert agg[("q", "a")].examinations == pytest.approx(1.0)
+    assert agg[("q", "c")].examinations == pytest.approx(THETA.propensity(3))
+    assert agg[("q", "c")].clicks == 0
 
 
-def test_merge_keeps_priors_and_adds_new_pairs():
-    current = [{"query_key": "halo", "score": 0.7, "prior": 0.7, "source": "predicted"}]
-    ev = {"sad songs": PairEvidence(5, 0, 5), "halo": PairEvidence(3, 0, 3)}
-    merged = {e["query_key"]: e for e in merge_entries(current, ev)}
-    assert merged["sad songs"]["source"] == "observed" and merged["sad songs"]["prior"] == 0.0
-    assert merged["sad songs"]["score"] == pytest.approx(5 / 7, abs=1e-3)
-    assert merged["halo"]["prior"] == 0.7 and merged["halo"]["score"] > 0.7
-    # Idempotent: merging the same evidence into the result gives the same result.
-    again = {e["query_key"]: e for e in merge_entries(list(merged.values()), ev)}
-    assert again == merged
+def test_a_skip_never_raises_a_score():
+    for prior, clicks, exams in [(0.9, 0, 0), (0.0, 0, 0), (0.3, 4, 2.5), (0.0, 1, 0.4)]:
+        base = aggregate([fb("r", "q", "a", "click", "1-0")] * clicks, examination=THETA)
+        c = base[("q", "a")].clicks if clicks else 0.0
+        skipped = aggregate([fb("r", "q", "a", "skip", "2-0")], examination=THETA)[("q", "a")]
+        assert skipped.clicks == 0 and skipped.examinations == 1.0
+        before = memory_score(c, exams, prior=prior)
+        after = memory_score(c + skipped.clicks, exams + skipped.examinations, prior=prior)
+        assert after <= before
+
+
+def test_negative_only_pairs_fall_below_min_score():
+    events = [imp(f"r{i}", "sad songs", ["x", "a"], f"{i}-0") for i in range(5)]
+    events += [fb("r0", "sad songs", "a", "skip", "9-0")]
+    d = aggregate(events, examination=THETA)[("sad songs", "a")]
+    doc = pair_document("sad songs", "track:a", item={"entity_type": "track"}, prior=0.0,
+                        clicks=d.clicks, examinations=d.examinations, source="learned",
+                        prior_strength=2.0, min_score=0.05)
+    assert doc["score"] == 0 and doc["active"] is False
+    # a predicted pair shown often and never chosen also stops matching
+    doc = pair_document("sad songs", "track:b", item={}, prior=0.6, clicks=0,
+                        examinations=40, source="predicted", prior_strength=2.0, min_score=0.05)
+    assert doc["active"] is False and doc["entity_type"] == "track"
+
+
+def test_action_weights_and_unknown_actions():
+    agg = aggregate([fb("r", "q", "a", "play", "1-0"), fb("r", "q", "a", "hover", "1-1"),
+                     {"type": "feedback", "request_id": "r", "item_id": None, "action": "empty",
+                      "query": "q"}], examination=THETA)
+    assert agg == {("q", "a"): agg[("q", "a")]} and agg[("q", "a")].clicks == 1.5
+
+
+def test_replayed_events_are_skipped_by_last_event():
+    agg = aggregate([imp("r", "q", ["a"], "5-0"), fb("r", "q", "a", "click", "7-0")],
+                    examination=THETA, keep_parts=True)
+    d = agg[("q", "a")]
+    assert d.last_event == "7-0"
+    assert d.since(None) == (1.0, 1.0)
+    assert d.since("5-0") == (1.0, 0.0)  # the impression is already in the document
+    assert d.since("7-0") == (0.0, 0.0)
+
+
+def test_decay_halves_old_evidence():
+    now = 1_800_000_000.0
+    old = dict(fb("r", "q", "a", "click", "1-0"), ts=now - 10 * 86400)
+    new = dict(fb("r", "q", "b", "click", "1-1"), ts=now)
+    agg = aggregate([old, new], examination=THETA, now=now, half_life_days=10)
+    assert agg[("q", "a")].clicks == pytest.approx(0.5) and agg[("q", "b")].clicks == 1.0
+
+
+def test_aggregation_cost_is_independent_of_history():
+    """The updater aggregates a batch alone (history lives in the pair documents, read by id):
+    the same batch does the same work, and gives the same deltas, after 100 or 100,000 earlier
+    events. Work is counted (propensity look-ups), and timed with a generous margin."""
+
+    class Counting(ExaminationModel):
+        calls = 0
+
+        def propensity(self, position: int) -> float:
+            Counting.calls += 1
+            return super().propensity(position)
+
+    theta = Counting(THETA.theta)
+    batch = [imp(f"n{i}", f"q{i % 50}", [f"i{j}" for j in range(10)], f"{10**9 + i}-0")
+             for i in range(500)]
+
+    def run() -> tuple[int, float, dict]:
+        Counting.calls = 0
+        t = time.perf_counter()
+        out = aggregate(batch, examination=theta, keep_parts=True)
+        return Counting.calls, time.perf_counter() - t, out
+
+    calls_small, t_small, first = run()
+    history = [imp(f"h{i}", f"q{i % 50}", [f"i{j}" for j in range(10)], f"{i}-0")
+               for i in range(100_000)]
+    aggregate(history, examination=THETA)  # the history happened (and was applied)
+    calls_large, t_large, again = run()
+    assert calls_small == calls_large == 5000
+    assert {k: (d.clicks, d.examinations) for k, d in first.items()} == \
+        {k: (d.clicks, d.examinations) for k, d in again.items()}
+    assert t_large < 10 * t_small + 0.05
+
+
+def test_pair_id_is_stable_and_distinct():
+    assert pair_id("q", "track:a") == pair_id("q", "track:a")
+    assert pair_id("q", "track:a") != pair_id("q ", "track:a") != pair_id("q", "track:b")
+    assert len(pair_id("q", "a")) == 32
+
+
+def test_memory_hits_merge_under_their_item_id_catalog_source_wins():
+    mem = ArmResult("memory", "memory.v2", (
+        Hit("track:a", 0.9, 1, {"title": "copy", "popularity": 1.0,
+                                "_memory": {"ctr": 0.9, "exposures": 3.0, "clicks": 2.0}}),
+        Hit("track:m", 0.5, 2, {"title": "only memory", "_memory": {"ctr": 0.5}}),), 1)
+    lex = ArmResult("lexical", "lexical.v2", (
+        Hit("track:a", 12.0, 1, {"title": "catalog", "popularity": 50.0, "folded": "x"}),), 1)
+    for results in ([mem, lex], [lex, mem]):
+        cands = {c.id: c for c in UnionMerger().merge(results)}
+        a = cands["track:a"]
+        assert a.source["title"] == "catalog" and a.source["popularity"] == 50.0
+        assert a.source["_memory"] == {"ctr": 0.9, "exposures": 3.0, "clicks": 2.0}
+        assert {p.arm for p in a.provenance} == {"memory", "lexical"}
+        assert cands["track:m"].source["title"] == "only memory"
 
 
 def test_interactions_join_feedback_with_impressions():
-    from orchestrator.memory import interactions_from_events
-
     events = [
         {"type": "impression", "request_id": "r1", "query": "Sad  Songs!",
          "shown": [{"id": "track:x", "rank": 1}, {"id": "track:a", "rank": 2}]},
@@ -74,3 +166,39 @@ def test_interactions_join_feedback_with_impressions():
     got = interactions_from_events(events)
     assert got[0] == Interaction("sad songs", "track:a", "play", 2, 1795600800.0)
     assert [(i.query_key, i.rank) for i in got[1:]] == [("explicit query", 1)]
+
+
+def test_the_memory_arm_searches_its_own_index_in_the_same_msearch():
+    from orchestrator.arms import build_requests
+    from orchestrator.execution import MultiSearch
+    from orchestrator.settings import OrchestratorSettings
+    from orchestrator.templates import TemplateRegistry
+
+    registry = TemplateRegistry.from_dir(OrchestratorSettings().templates.dir)
+    sent = []
+
+    class FakeES:
+        def options(self, **_):
+            return self
+
+        def msearch(self, *, searches):
+            sent.append(searches)
+            hit = {"_id": "pairhash", "_score": 0.7, "_source": {
+                "item_id": "track:a", "query_key": "halo", "score": 0.7, "clicks": 3.0,
+                "examinations": 4.0, "item": {"title": "Halo", "entity_type": "track"}}}
+            return {"responses": [{"took": 1, "hits": {"hits": []}},
+                                  {"took": 1, "hits": {"hits": [hit]}}]}
+
+    ms = MultiSearch(FakeES(), index="cat", registry=registry,
+                     indices={"memory": "cat-mem"})
+    reqs = build_requests(registry, None, "Halo", budgets={"lexical": 5, "memory": 5},
+                          vector=None)
+    lexical, memory = ms.execute(reqs)
+    assert [line["index"] for line in sent[0][::2]] == ["cat", "cat-mem"]
+    (h,) = memory.hits
+    assert h.id == "track:a" and h.source["title"] == "Halo"
+    assert h.source["_memory"] == {"ctr": 0.7, "exposures": 4.0, "clicks": 3.0,
+                                   "query_key": "halo"}
+    # without a mapping, a role searches <catalog>-<role>
+    assert MultiSearch(FakeES(), index="cat", registry=registry).index_for("memory.v2") == \
+        "cat-memory"

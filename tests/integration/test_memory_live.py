@@ -1,0 +1,260 @@
+"""The memory index learning live: feedback through the real Orchestrator reaches the memory
+arm within seconds (the updater loop running as ``ltrr memory run`` does), skips never raise
+an item, typo and case variants of a learned query find the learned pair, the event mover's
+trimming waits for the memory group, and the repair rebuild equals the incremental result.
+
+Each test has its own memory alias (``<test alias>-memory``, deleted afterwards) and Redis
+prefix; the catalog slice is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from orchestrator import Orchestrator
+from orchestrator.event_log import EventMover
+from orchestrator.memory import (
+    ITEM_FIELDS,
+    MemoryKeys,
+    MemoryUpdater,
+    pair_id,
+    rebuild_memory,
+    run_loop,
+    seed_memory,
+)
+from orchestrator.selection import FixedPlanSelector
+from orchestrator.templates import TemplateRegistry
+
+pytestmark = [pytest.mark.elasticsearch, pytest.mark.redis]
+
+PLAN = {"lexical": 50, "memory": 10}
+
+
+@pytest.fixture()
+def env(es, redis_client, redis_prefix, settings, catalog_slice, test_alias):
+    """A memory alias seeded with Taylor Swift's predicted pairs only, an updater and an
+    orchestrator running the lexical and memory arms on the catalog slice."""
+    memory_alias = f"{test_alias}-memory"
+    hits = es.search(index=catalog_slice, size=300, source=["q2e", *ITEM_FIELDS],
+                     query={"term": {"artist.raw": "taylor swift"}})["hits"]["hits"]
+    seed_memory(es, catalog=catalog_slice, memory_alias=memory_alias, keep_old_indices=0,
+                entities=[(h["_id"], h["_source"]) for h in hits])
+    s = settings.model_copy(update={
+        "redis": settings.redis.model_copy(update={"key_prefix": redis_prefix}),
+        "es": settings.es.model_copy(update={"catalog_alias": catalog_slice}),
+        "templates": settings.templates.model_copy(update={"mode": "local"}),
+        "memory": settings.memory.model_copy(update={"alias": memory_alias}),
+    })
+    full = TemplateRegistry.from_dir(settings.templates.dir)
+    registry = TemplateRegistry({t.id: t for t in full if t.arm in PLAN})
+    orch = Orchestrator.from_settings(s, es=es, redis=redis_client, understander=None,
+                                      registry=registry, selector=FixedPlanSelector(PLAN))
+    updater = MemoryUpdater(redis_client, es, prefix=redis_prefix, memory_alias=memory_alias,
+                            catalog_alias=catalog_slice)
+    updater.ensure()
+    return orch, updater, memory_alias
+
+
+def memory_ids(resp) -> list[str]:
+    """Ids the memory arm contributed to a response, in the arm's rank order."""
+    ranked = sorted((p.rank, it.id) for it in resp.results for p in it.provenance
+                     if p.arm == "memory")
+    return [i for _, i in ranked]
+
+
+def memory_score_of(resp, item_id: str) -> float | None:
+    for it in resp.results:
+        for p in it.provenance:
+            if p.arm == "memory" and it.id == item_id:
+                return p.score
+    return None
+
+
+@pytest.fixture()
+def loop(env):
+    """The updater running in the background as ``ltrr memory run`` does."""
+    _, updater, _ = env
+    stop = threading.Event()
+    t = threading.Thread(target=run_loop, args=(updater,),
+                         kwargs={"interval_s": 0.2, "stop": stop.is_set}, daemon=True)
+    t.start()
+    yield updater
+    stop.set()
+    t.join(timeout=10)
+
+
+def test_feedback_is_retrievable_through_the_memory_arm_within_seconds(env, loop):
+    orch, _, _ = env
+    latencies = []
+    for word in ("baking", "harbour", "winter", "garden", "midnight"):
+        q = f"songs my grandmother hums {word}"
+        resp = orch.search(q, size=60, total_budget=60)
+        assert memory_ids(resp) == []  # nothing remembered for this query yet
+        target = resp.results[min(4, len(resp.results) - 1)].id
+        orch.feedback(resp.request_id, target, "play", token=resp.token)
+        t0 = time.perf_counter()
+        while True:
+            again = orch.search(q, size=60, total_budget=60)
+            if target in memory_ids(again):
+                latencies.append(time.perf_counter() - t0)
+                break
+            assert time.perf_counter() - t0 < 10, f"{target} not retrievable after 10 s"
+            time.sleep(0.1)
+        src = next(it.source for it in again.results if it.id == target)
+        assert src["_memory"]["clicks"] == 1.5 and src["_memory"]["exposures"] > 0
+        assert src.get("title")  # the catalog's (or the copy's) display fields
+    assert max(latencies) < 10, latencies
+
+
+def test_a_skip_never_raises_an_item_in_the_memory_arm(env, loop):
+    orch, updater, _ = env
+    q = "taylor swift"
+    before = orch.search(q, size=60, total_budget=60)
+    mem = memory_ids(before)
+    assert len(mem) >= 2, mem
+    top, second = mem[0], mem[1]
+    s_top = memory_score_of(before, top)
+    orch.feedback(before.request_id, top, "skip", token=before.token)
+    # A skip of an item the memory never held for this query: it must not appear.
+    outsider = next(it.id for it in before.results if it.id not in mem)
+    orch.feedback(before.request_id, outsider, "skip", token=before.token)
+    deadline = time.perf_counter() + 10
+    while True:
+        after = orch.search(q, size=60, total_budget=60)
+        s = memory_score_of(after, top)
+        if s is None or s < s_top:
+            break
+        assert time.perf_counter() < deadline, "the skip never reached the memory index"
+        time.sleep(0.2)
+    assert s is None or s < s_top
+    ids = memory_ids(after)
+    assert outsider not in ids
+    if top in ids:
+        assert ids.index(top) >= mem.index(top)
+    assert second in ids
+
+
+def test_typo_and_case_variants_reach_the_learned_pair(env, loop, redis_client, redis_prefix):
+    orch, updater, memory_alias = env
+    resp = orch.search("taylor swift love story", size=60, total_budget=60)
+    learned = {i for i in memory_ids(resp)}
+    target = next(it.id for it in resp.results if it.id not in learned)
+    orch.feedback(resp.request_id, target, "favorite", token=resp.token)
+    deadline = time.perf_counter() + 10
+    while True:
+        typo = orch.search("Tayler Swift Love Story", size=60, total_budget=60)
+        if target in memory_ids(typo):
+            break
+        assert time.perf_counter() < deadline, "the typo variant never found the learned pair"
+        time.sleep(0.2)
+    src = next(it.source for it in typo.results if it.id == target)
+    assert src["_memory"]["query_key"] == "taylor swift love story"
+    assert target in memory_ids(orch.search("TAYLOR SWIFT LOVE STORY!", size=60, total_budget=60))
+    doc = updater.es.get(index=memory_alias, id=pair_id("taylor swift love story", target))
+    assert doc["_source"]["source"] == "learned" and doc["_source"]["clicks"] == 2.5
+    keys = MemoryKeys(redis_client, prefix=redis_prefix)
+    assert keys.known_pairs("taylor swift love story") == 1
+    assert keys.known_pairs("never typed") == 0
+
+
+def test_known_pairs_is_none_while_redis_is_down():
+    import redis
+
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    assert MemoryKeys(dead, prefix="x:").known_pairs("q") is None
+
+
+# -- the stream: trimming and the repair rebuild -----------------------------------------------
+
+def _events(redis_client, stream, items, *, n=30):
+    """Impressions of ``items`` for three queries, with plays, clicks and skips."""
+    for i in range(n):
+        q = ("sad songs", "road trip", "rainy day")[i % 3]
+        shown = items[i % 3:] + items[:i % 3]
+        imp = {"request_id": f"r{i}", "query": q, "query_key": q,
+               "shown": [{"id": it, "rank": r} for r, it in enumerate(shown, start=1)]}
+        redis_client.xadd(stream, {"type": "impression", "data": json.dumps(imp)})
+        if i % 2 == 0:
+            fb = {"request_id": f"r{i}", "item_id": shown[1], "action": "play", "rank": 2,
+                  "query": q}
+            redis_client.xadd(stream, {"type": "feedback", "data": json.dumps(fb)})
+        if i % 5 == 0:
+            fb = {"request_id": f"r{i}", "item_id": shown[0], "action": "skip", "rank": 1,
+                  "query": q}
+            redis_client.xadd(stream, {"type": "feedback", "data": json.dumps(fb)})
+
+
+def _items(es, catalog_slice, n=6):
+    hits = es.search(index=catalog_slice, size=n, sort=[{"entity_id": "asc"}],
+                     query={"term": {"entity_type": "track"}})["hits"]["hits"]
+    return [h["_id"] for h in hits]
+
+
+def test_mover_trimming_waits_for_the_memory_group(env, es, redis_client, redis_prefix,
+                                                    settings, catalog_slice, test_alias):
+    _, updater, _ = env
+    stream = f"{redis_prefix}events"
+    _events(redis_client, stream, _items(es, catalog_slice), n=10)
+    total = redis_client.xlen(stream)
+    mover = EventMover(redis_client, es, stream=stream, alias=f"{test_alias}-events",
+                       mappings_dir=settings.ingest.mappings_dir)
+    moved = mover.move()
+    assert moved.moved == total and moved.trimmed == 0  # the memory group has read nothing
+    assert redis_client.xlen(stream) == total
+    res = updater.run()
+    assert res.events == total
+    assert mover.move().trimmed == total  # now both groups acknowledged everything
+    assert redis_client.xlen(stream) == 0
+
+
+def test_repair_rebuild_equals_the_incremental_result(env, es, redis_client, redis_prefix,
+                                                      settings, catalog_slice, test_alias):
+    _, updater, memory_alias = env
+    stream = f"{redis_prefix}events"
+    items = _items(es, catalog_slice)
+    _events(redis_client, stream, items)
+    # Incremental, in several small batches (as the beat task runs it).
+    res = updater.run(batch_size=7)
+    assert res.batches > 3 and res.created > 0 and res.pending > 0
+    es.indices.refresh(index=memory_alias)
+
+    def snapshot():
+        docs = es.search(index=memory_alias, size=1000, query={"terms": {"item_id": items}})
+        out = {h["_id"]: {k: h["_source"][k] for k in ("clicks", "examinations", "score",
+                                                        "active", "source")}
+               for h in docs["hits"]["hits"]}
+        pending = {}
+        for key in redis_client.scan_iter(match=f"{redis_prefix}memory:exp:*"):
+            pending[key] = {k: float(v) for k, v in redis_client.hgetall(key).items()}
+        return out, pending, redis_client.hgetall(f"{redis_prefix}memory:keys")
+
+    incremental = snapshot()
+    assert incremental[0] and incremental[1] and incremental[2]
+    # A replayed run finds nothing new and changes nothing.
+    assert updater.run().events == 0
+    events_alias = f"{test_alias}-events"
+    EventMover(redis_client, es, stream=stream, alias=events_alias,
+               mappings_dir=settings.ingest.mappings_dir).move()
+    rebuilt = rebuild_memory(es, redis_client, events_alias=events_alias, prefix=redis_prefix,
+                             memory_alias=memory_alias, catalog_alias=catalog_slice,
+                             half_life_days=None)
+    assert rebuilt["events"] > 0 and rebuilt["drained"] == 0
+    again = snapshot()
+    assert again[0].keys() == incremental[0].keys()
+    for pid, doc in incremental[0].items():
+        for k in ("clicks", "examinations", "score"):
+            assert again[0][pid][k] == pytest.approx(doc[k], abs=1e-4), (pid, k)
+        assert again[0][pid]["active"] == doc["active"]
+    assert again[1].keys() == incremental[1].keys()
+    for key, fields in incremental[1].items():
+        assert again[1][key] == pytest.approx(fields, abs=1e-4)
+    assert again[2] == incremental[2]
+    # With decay the learned pairs fade and the weakest fall below min_score (deleted).
+    decayed = rebuild_memory(es, redis_client, events_alias=events_alias, prefix=redis_prefix,
+                             memory_alias=memory_alias, catalog_alias=catalog_slice,
+                             half_life_days=1e-6, now=time.time() + 86400)
+    assert decayed["deleted"] > 0
