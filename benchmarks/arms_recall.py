@@ -29,6 +29,7 @@ Usage::
 
     python benchmarks/arms_recall.py                       # ltrr-catalog, else test-ltrr-catalog
     python benchmarks/arms_recall.py --index test-ltrr-catalog --known-items 200 --k 100
+    python benchmarks/arms_recall.py --smoke     # CI: test-ltrr-catalog, 8 queries per set, k=20
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import random
 import re
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -327,10 +329,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=0, help="at most this many queries per set")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--qu", choices=["gazetteer", "spacy"], default="gazetteer")
-    p.add_argument("--out", type=Path,
-                   default=Path(__file__).parent / "results" / "arms_recall.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default benchmarks/results/arms_recall.json (--smoke: a temp dir)")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--smoke", action="store_true",
+                   help="test-ltrr-catalog, 40 known items, 8 queries per set, k=20, JSON to a "
+                        "temp dir (CI)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.index = args.index or "test-ltrr-catalog"
+        args.known_items, args.limit, args.k = min(args.known_items, 40), args.limit or 8, min(args.k, 20)
+    if args.out is None:
+        args.out = (Path(tempfile.mkdtemp(prefix="ltrr-smoke-arms-")) / "arms_recall.json" if args.smoke
+                    else Path(__file__).parent / "results" / "arms_recall.json")
     logging.getLogger("elastic_transport").setLevel(logging.WARNING)  # one line per _msearch
     report = run(args)
     print(format_table(report))

@@ -25,6 +25,13 @@ running and restored (SIGCONT, start) whatever happens.
 Usage::
 
     python benchmarks/faults.py [--rounds 6]
+    python benchmarks/faults.py --smoke
+
+``--smoke`` (CI) uses a pair of its own (ports 9261 / 6401, state ``/tmp/ltrr-faults-smoke``,
+so it never meets the fault tests' pair), indexes the jazz and blues tracks into its
+``faults-catalog`` itself (no embeddings: the two lexical arms need none), runs 1 call per
+scenario (5 for the healthy and Redis-stopped series), writes the JSON to a temp dir and stops
+its pair afterwards.
 """
 
 from __future__ import annotations
@@ -103,21 +110,67 @@ def build(spool_dir: str) -> Orchestrator:
         understander=None, registry=registry, resilience={"spool_dir": spool_dir})
 
 
+def use_smoke_pair() -> None:
+    """Point this module at the smoke pair (its own ports and state dir)."""
+    global STATE, ES_PORT, REDIS_PORT
+    STATE = os.environ.get("LTRR_FAULTS_SMOKE_STATE", "/tmp/ltrr-faults-smoke")
+    ES_PORT = os.environ.get("LTRR_FAULTS_SMOKE_ES_PORT", "9261")
+    REDIS_PORT = os.environ.get("LTRR_FAULTS_SMOKE_REDIS_PORT", "6401")
+    ENV.update({"LTRR_STATE": STATE, "LTRR_ES_PORT": ES_PORT, "LTRR_REDIS_PORT": REDIS_PORT})
+
+
+def index_smoke_catalog() -> None:
+    """The jazz and blues tracks (and their albums and artists; the fault tests' slice, without
+    embeddings) behind ``faults-catalog``, once."""
+    from orchestrator.catalog import CatalogBuilder
+    from orchestrator.ingest import CatalogIndexer
+
+    es = build_client(EsSettings(url=f"http://127.0.0.1:{ES_PORT}", request_timeout_s=60))
+    if es.indices.exists_alias(name=ALIAS) and es.count(index=ALIAS)["count"] > 1000:
+        return
+    es.indices.delete(index=f"{ALIAS}*", ignore_unavailable=True, allow_no_indices=True)
+    s = OrchestratorSettings()
+    CatalogIndexer(es, alias=ALIAS, mappings_dir=s.ingest.mappings_dir, encoder=None,
+                   keep_old_indices=0, chunk_size=s.ingest.chunk_size,
+                   thread_count=s.ingest.thread_count).run(
+        CatalogBuilder(s.ingest.data_dir, genres={"jazz", "blues"}), progress=False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "faults.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default benchmarks/results/faults.json (--smoke: a temp dir)")
+    ap.add_argument("--smoke", action="store_true", help="see the module docstring (CI)")
     args = ap.parse_args()
+    n_calls = 40
+    if args.smoke:
+        use_smoke_pair()
+        args.rounds, n_calls = 1, 5
+    if args.out is None:
+        args.out = (Path(tempfile.mkdtemp(prefix="ltrr-smoke-faults-")) / "faults.json" if args.smoke
+                    else PROJECT_ROOT / "benchmarks" / "results" / "faults.json")
+    try:
+        return run(args, n_calls)
+    finally:
+        if args.smoke:
+            services("down")
+
+
+def run(args: argparse.Namespace, n_calls: int) -> int:
     services("up")
+    if args.smoke:
+        index_smoke_catalog()
     spool_dir = tempfile.mkdtemp(prefix="ltrr-bench-spool-")
     orch = build(spool_dir)
     res = orch.resilience_status()
-    out: dict[str, Any] = {"settings": OrchestratorSettings().resilience.model_dump(mode="json"),
+    out: dict[str, Any] = {"smoke": args.smoke, "es_port": ES_PORT, "redis_port": REDIS_PORT,
+                           "settings": OrchestratorSettings().resilience.model_dump(mode="json"),
                            "breaker": res["elasticsearch_breaker"]}
     for q in QUERIES:  # warm up (encoder, connections, posteriors)
         orch.search(q, size=5)
     healthy_search, healthy_fb = [], []
-    for i in range(40):  # the same calls with both services up, for comparison
+    for i in range(n_calls):  # the same calls with both services up, for comparison
         holder: list[Any] = []
         ms, _ = timed(lambda i=i, h=holder: h.append(orch.search(QUERIES[i % len(QUERIES)], size=5)))
         healthy_search.append(ms)
@@ -149,7 +202,7 @@ def main() -> int:
     services("stop-redis")
     try:
         search_ms, fb_ms = [], []
-        for i in range(40):
+        for i in range(n_calls):
             ms, _ = timed(lambda i=i: resp.append(orch.search(QUERIES[i % len(QUERIES)], size=5)))
             search_ms.append(ms)
             r = resp[-1]

@@ -1,6 +1,7 @@
 """Ingestion throughput on the full bundled catalog, with and without embeddings.
 
     python benchmarks/ingest_throughput.py [--limit N] [--json benchmarks/results/ingest.json]
+    python benchmarks/ingest_throughput.py --smoke   # CI: 300 tracks, JSON to a temp dir
 
 Indexes into throw-away aliases (``bench-ingest-*``, deleted afterwards), so the live
 ``ltrr-catalog`` is untouched. Prints a table and writes JSON.
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +28,17 @@ from orchestrator.settings import OrchestratorSettings
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--limit", type=int, default=None, help="tracks to index (default: all)")
-    ap.add_argument("--json", default="benchmarks/results/ingest.json")
+    ap.add_argument("--json", default=None,
+                    help="default benchmarks/results/ingest.json (--smoke: a temp dir)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="300 tracks (with their albums and artists) into bench-ingest-smoke-*, "
+                         "JSON to a temp dir: checks the script works, measures nothing")
     args = ap.parse_args()
+    if args.smoke:
+        args.limit = min(args.limit or 300, 300)
+    if args.json is None:
+        args.json = (str(Path(tempfile.mkdtemp(prefix="ltrr-smoke-ingest-")) / "ingest.json")
+                     if args.smoke else "benchmarks/results/ingest.json")
     logging.getLogger("elastic_transport").setLevel(logging.WARNING)
     s = OrchestratorSettings()
     es = build_client(s.es)
@@ -45,7 +56,7 @@ def main() -> None:
 
     rows = []
     for with_vectors in (False, True):
-        alias = f"bench-ingest-{'vec' if with_vectors else 'novec'}"
+        alias = f"bench-ingest-{'smoke-' if args.smoke else ''}{'vec' if with_vectors else 'novec'}"
         indexer = CatalogIndexer(es, alias=alias, mappings_dir=s.ingest.mappings_dir,
                                  encoder=enc if with_vectors else None, keep_old_indices=0,
                                  chunk_size=s.ingest.chunk_size, thread_count=s.ingest.thread_count,
@@ -61,7 +72,7 @@ def main() -> None:
     result = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "es": node_capabilities(es).version},
-        "catalog_build_s": round(build_s, 1), "entities": len(docs),
+        "smoke": args.smoke, "limit": args.limit, "catalog_build_s": round(build_s, 1), "entities": len(docs),
         "encoder": f"{s.embedding.backend} dim={s.embedding.dim}",
         "encode_texts_per_s": round(len(texts) / embed_s, 1),
         "runs": rows,

@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/latency.py                  # 300 queries on ltrr-catalog
     python benchmarks/latency.py --queries 100 --alias test-ltrr-catalog
+    python benchmarks/latency.py --smoke          # CI: 20 queries on test-ltrr-catalog, JSON to a temp dir
 
 Prints a table and writes ``benchmarks/results/latency.json``. Bandit state goes to a fresh
 Redis prefix ``bench:<id>:`` that is deleted afterwards.
@@ -29,6 +30,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -71,8 +73,20 @@ def main() -> int:
     ap.add_argument("--alias", default=None, help="catalog alias (default: settings, ltrr-catalog)")
     ap.add_argument("--size", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "latency.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default benchmarks/results/latency.json (--smoke: a temp dir)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds, not minutes: 20 queries (+3 warm-up) on test-ltrr-catalog, short "
+                         "micro-benchmarks, JSON written to a temp dir (CI keeps the script working)")
     args = ap.parse_args()
+    micro_select, micro_rescore = 2000, 500
+    if args.smoke:
+        args.queries, args.warmup = min(args.queries, 20), min(args.warmup, 3)
+        args.alias = args.alias or "test-ltrr-catalog"
+        micro_select, micro_rescore = 200, 50
+    if args.out is None:
+        args.out = (Path(tempfile.mkdtemp(prefix="ltrr-smoke-latency-")) / "latency.json" if args.smoke
+                    else Path(__file__).resolve().parent / "results" / "latency.json")
 
     base = OrchestratorSettings()
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
@@ -106,7 +120,10 @@ def main() -> int:
             # Each chosen arm alone (same parameters, one request per _msearch).
             vector = orch._vector(q, [c.template_id for c in resp.decision.choices])
             parsed = orch.understander.parse(q) if orch.understander else None
-            reqs: list[ArmRequest] = orch._requests(parsed, q, resp.decision.budgets, vector)
+            # The request id seeds the explore arm, so each arm alone runs exactly the query
+            # the orchestrator ran.
+            reqs: list[ArmRequest] = orch._requests(parsed, q, resp.decision.budgets, vector,
+                                                    resp.request_id)
             single = []
             for r in reqs:
                 t = time.perf_counter()
@@ -128,15 +145,16 @@ def main() -> int:
                                             _coerce_context(ctx), "chill jazz")
         arms = orch.eligible_arms(None)
         sel_us = []
-        for _ in range(2000):
+        for _ in range(micro_select):
             t = time.perf_counter()
             orch.selector.select(sel_ctx, arms, total_budget=60)
             sel_us.append((time.perf_counter() - t) * 1e6)
         resp = orch.search("love", context=ctx, size=10, total_budget=60)
-        results = orch.multisearch.execute(orch._requests(None, "love", {a.arm: 20 for a in arms[:3]}, None))
+        results = orch.multisearch.execute(orch._requests(None, "love", {a.arm: 20 for a in arms[:3]},
+                                                          None, resp.request_id))
         cands = UnionMerger().merge(results)[:60]
         res_us = []
-        for _ in range(500):
+        for _ in range(micro_rescore):
             t = time.perf_counter()
             orch.rescorer.rank(cands, query="love", parsed=None, extractor=orch.extractor)
             res_us.append((time.perf_counter() - t) * 1e6)
@@ -145,7 +163,7 @@ def main() -> int:
             orch.redis.delete(key)
 
     result = {
-        "alias": alias, "queries": args.queries, "warmup": args.warmup, "size": args.size,
+        "alias": alias, "smoke": args.smoke, "queries": args.queries, "warmup": args.warmup, "size": args.size,
         "cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
         "qu": type(orch.understander).__name__ if orch.understander else None,
         "policy": orch.selector.name, "mean_arms_chosen": round(float(np.mean(n_arms)), 2),

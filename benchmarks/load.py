@@ -25,6 +25,7 @@ Usage::
     python benchmarks/load.py --workers 1 --users 1,2,4 --step-seconds 10
     python benchmarks/load.py --alias test-ltrr-catalog --workers 1 --users 1,3 \\
         --step-seconds 5 --no-stop --keep-keys --prefix test:abc: --out /tmp/smoke.json
+    python benchmarks/load.py --smoke    # CI: test-ltrr-catalog, 1 worker, 1 and 2 users, 3 s steps
 
 Prints a table and writes ``benchmarks/results/load.json``; exits 1 when anything was lost
 or a 5xx was served. The server's per-client feedback rate limit and influence cap are
@@ -463,8 +464,19 @@ def main() -> int:
     ap.add_argument("--keep-keys", action="store_true", help="leave the run's Redis keys")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="folder for server/locust logs (default: a temporary folder)")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "load.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default benchmarks/results/load.json (--smoke: a temp dir)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="test-ltrr-catalog, 1 worker, users 1,2, 3 s steps (1 s warm-up), every "
+                         "step run, JSON and logs in a temp dir (CI); its own free port as always")
     args = ap.parse_args()
+    if args.smoke:
+        args.alias = args.alias or "test-ltrr-catalog"
+        args.workers, args.users, args.no_stop = [1], [1, 2], True
+        args.step_seconds, args.warmup_seconds = min(args.step_seconds, 3), min(args.warmup_seconds, 1.0)
+    if args.out is None:
+        args.out = (Path(tempfile.mkdtemp(prefix="ltrr-smoke-load-")) / "load.json" if args.smoke
+                    else HERE / "results" / "load.json")
 
     settings = OrchestratorSettings()
     args.alias = args.alias or settings.es.catalog_alias

@@ -12,6 +12,7 @@ Reports, as a table and as JSON:
 Usage::
 
     python benchmarks/qu_eval.py [--model qu_models] [--json out.json] [--repeat 5]
+    python benchmarks/qu_eval.py --smoke      # CI: 300 held-out queries, --repeat 1
 """
 
 from __future__ import annotations
@@ -124,12 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the report here")
     ap.add_argument("--repeat", type=int, default=5, help="latency repetitions per query")
     ap.add_argument("--show-errors", action="store_true", help="list hand-written misses")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the first 300 held-out queries and --repeat 1 (CI; writes nothing "
+                         "unless --json)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.repeat = 1
 
     t0 = time.perf_counter()
     understander = QueryUnderstander.load(args.model)
     load_s = time.perf_counter() - t0
     heldout = load_heldout(args.model)
+    if args.smoke:
+        heldout = heldout[:300]
     hand = handwritten_examples()
     t0 = time.perf_counter()
     held_parsed = understander.parse_many([e.text for e in heldout])
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     hand_parsed = understander.parse_many([e.text for e in hand])
     report = {
         "model": str(args.model),
-        "model_version": understander.metadata.get("version"),
+        "model_version": understander.metadata.get("version"), "smoke": args.smoke,
         "load_s": round(load_s, 2),
         "heldout": evaluate(held_parsed, heldout),
         "handwritten": evaluate(hand_parsed, hand),

@@ -13,6 +13,7 @@ reservation, and HTTP ``/feedback`` with every check on versus all of them off.
 Usage::
 
     python benchmarks/security.py [--n 2000] [--feedback 300] [--alias test-ltrr-catalog]
+    python benchmarks/security.py --smoke    # CI: --n 200 --feedback 10, JSON to a temp dir
 
 Prints a table and writes ``benchmarks/results/security.json``. Redis keys go to a fresh
 ``bench:<id>:`` prefix that is deleted afterwards.
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -82,9 +84,16 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=2000, help="micro-benchmark iterations")
     ap.add_argument("--feedback", type=int, default=300, help="HTTP feedback calls per setting")
     ap.add_argument("--alias", default="test-ltrr-catalog")
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).resolve().parent / "results" / "security.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default benchmarks/results/security.json (--smoke: a temp dir)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="--n 200 --feedback 10 and the JSON to a temp dir (CI)")
     args = ap.parse_args()
+    if args.smoke:
+        args.n, args.feedback = min(args.n, 200), min(args.feedback, 10)
+    if args.out is None:
+        args.out = (Path(tempfile.mkdtemp(prefix="ltrr-smoke-security-")) / "security.json"
+                    if args.smoke else Path(__file__).resolve().parent / "results" / "security.json")
 
     base = OrchestratorSettings()
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
@@ -125,7 +134,8 @@ def main() -> int:
     for name, st in results.items():
         print(f"{name:<24}{st['p50_us']:>10}{st['p95_us']:>10}{st['mean_us']:>10}{st['n']:>7}")
     report = {"command": "python benchmarks/security.py " + " ".join(
-                  f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
+                  f"--{k} {v}" for k, v in vars(args).items() if k not in ("out", "smoke"))
+                  + (" --smoke" if args.smoke else ""),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
