@@ -392,7 +392,8 @@ def create_app(orchestrator: Orchestrator | None = None, *, settings: Any = None
         else:
             for tid, reward in r.rewards.items():
                 metrics.observations.labels(tid).inc()
-                metrics.reward.labels(tid).inc(reward)
+                # rewards can be negative now (latency cost): the counter sums the positive part
+                metrics.reward.labels(tid).inc(max(reward, 0.0))
         return JSONResponse(
             {"request_id": r.request_id, "item_id": r.item_id, "action": r.action,
              "duplicate": r.duplicate, "capped": r.capped, "position": r.position,

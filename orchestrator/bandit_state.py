@@ -14,14 +14,20 @@ loses nothing.
 
 Redis key layout (``P`` is ``settings.redis.key_prefix``, e.g. ``ltrr:``)::
 
-    P bandit:meta                 hash  schema_version, dim, version (bumped per update),
+    P bandit:meta                 hash  schema_version, dim, featurizer_version, qu_version
+                                        (what built the contexts, see check_schema),
+                                        version (bumped per update),
                                         gen, rebuilt_upto, rebuild (last log rebuild swapped
-                                        in, see :mod:`orchestrator.training`)
+                                        in, see :mod:`orchestrator.training`), migrated
     P bandit:lin:<component>      hash  n, w, b:<i>, A:<i>:<j> (i <= j; upper triangle)
     P bandit:beta:<template_id>   hash  <bucket>:a, <bucket>:b, <bucket>:n
+    P bandit:beta:budget:<tid>    hash  the same per budget level: l<level>|intent=<x> and
+                                        l<level>|* buckets (orchestrator.budgets)
     P arms:impressions            hash  <template_id> -> times chosen and executed
     P imp:<request_id>            str   impression JSON (TTL)          -- feedback.py
     P fb:<request_id>             set   "<item>\\x1f<action>" counted (TTL) -- feedback.py
+    P out:<request_id>            hash  <field group> -> reward applied for the request (TTL;
+                                        the one-observation max rule, see STATS_LUA)
     P events                      stream impression / feedback events  -- feedback.py
 
 A component is ``arm:<template_id>`` (the arm's own model) or ``af:<key>=<value>`` (a model
@@ -36,9 +42,9 @@ import json
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import redis
@@ -48,6 +54,7 @@ from .errors import ServiceUnavailableError, StateVersionError
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+Compat = Literal["current", "stale", "incompatible"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +68,9 @@ class LinearUpdate:
     values: tuple[float, ...]
     reward: float
     weight: float
+    #: Field group of the one-observation-per-request rule (see :meth:`RedisBanditStore.apply`
+    #: with ``outcome``); ignored without an outcome key (plain additive update).
+    group: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +81,7 @@ class BetaUpdate:
     bucket: str
     reward: float
     weight: float
+    group: str = ""
 
 
 StatUpdate = LinearUpdate | BetaUpdate
@@ -79,18 +90,24 @@ StatUpdate = LinearUpdate | BetaUpdate
 def update_to_dict(update: StatUpdate) -> dict[str, Any]:
     """JSON-able form of one update (the feedback spool of :mod:`orchestrator.resilience`)."""
     if isinstance(update, LinearUpdate):
-        return {"t": "lin", "c": update.component, "i": list(update.indices),
-                "v": list(update.values), "r": update.reward, "w": update.weight}
-    return {"t": "beta", "c": update.template_id, "f": update.bucket, "r": update.reward,
-            "w": update.weight}
+        out = {"t": "lin", "c": update.component, "i": list(update.indices),
+               "v": list(update.values), "r": update.reward, "w": update.weight}
+    else:
+        out = {"t": "beta", "c": update.template_id, "f": update.bucket, "r": update.reward,
+               "w": update.weight}
+    if update.group:
+        out["g"] = update.group
+    return out
 
 
 def update_from_dict(data: dict[str, Any]) -> StatUpdate:
     """Inverse of :func:`update_to_dict`."""
     if data["t"] == "lin":
         return LinearUpdate(data["c"], tuple(int(i) for i in data["i"]),
-                            tuple(float(v) for v in data["v"]), float(data["r"]), float(data["w"]))
-    return BetaUpdate(data["c"], data["f"], float(data["r"]), float(data["w"]))
+                            tuple(float(v) for v in data["v"]), float(data["r"]), float(data["w"]),
+                            str(data.get("g", "")))
+    return BetaUpdate(data["c"], data["f"], float(data["r"]), float(data["w"]),
+                      str(data.get("g", "")))
 
 
 @dataclass(slots=True)
@@ -116,12 +133,15 @@ class BetaStats:
 
 class BanditStore(Protocol):
     """Where sufficient statistics live. ``apply`` is atomic: all updates (plus the optional
-    duplicate marker and event) or none; returns False when ``dedupe`` says already counted."""
+    duplicate marker and event) or none; returns False when ``dedupe`` says already counted.
+    With ``outcome=(key, ttl)`` updates that carry a ``group`` follow the one-observation max
+    rule of :mod:`orchestrator.rewards` against the outcome hash ``key``."""
 
     dim: int
 
     def apply(self, updates: Sequence[StatUpdate], *, dedupe: tuple[str, str, int] | None = None,
-              event: dict[str, Any] | None = None) -> bool: ...
+              event: dict[str, Any] | None = None,
+              outcome: tuple[str, int] | None = None) -> bool: ...
 
     def version(self) -> int: ...
 
@@ -149,30 +169,49 @@ class InMemoryBanditStore:
         self._seen: set[tuple[str, str]] = set()
         self._version = 0
         self.events: list[dict[str, Any]] = []
+        #: ``{outcome key: {group: reward applied}}`` (the ``P out:<request_id>`` hashes).
+        self.outcomes: dict[str, dict[str, float]] = {}
 
     def apply(self, updates: Sequence[StatUpdate], *, dedupe: tuple[str, str, int] | None = None,
-              event: dict[str, Any] | None = None) -> bool:
+              event: dict[str, Any] | None = None,
+              outcome: tuple[str, int] | None = None) -> bool:
         with self._lock:
             if dedupe is not None:
                 marker = (dedupe[0], dedupe[1])
                 if marker in self._seen:
                     return False
                 self._seen.add(marker)
+            applied = self.outcomes.setdefault(outcome[0], {}) if outcome is not None else None
             for u in updates:
+                delta = None  # None: a full observation; else only the reward difference
+                if applied is not None and u.group:
+                    old = applied.get(u.group)
+                    if old is not None:
+                        if not u.reward > old:
+                            continue
+                        delta = u.reward - old
+                    applied[u.group] = u.reward
                 if isinstance(u, LinearUpdate):
                     st = self._lin.setdefault(u.component, LinearStats.empty(self.dim))
                     idx = np.asarray(u.indices, dtype=np.intp)
                     x = np.asarray(u.values)
-                    st.n += 1
-                    st.w += u.weight
-                    st.A[np.ix_(idx, idx)] += u.weight * np.outer(x, x)
-                    st.b[idx] += u.weight * u.reward * x
+                    if delta is None:
+                        st.n += 1
+                        st.w += u.weight
+                        st.A[np.ix_(idx, idx)] += u.weight * np.outer(x, x)
+                        st.b[idx] += u.weight * u.reward * x
+                    else:
+                        st.b[idx] += u.weight * delta * x
                 else:
                     bs = self._beta.setdefault(u.template_id, BetaStats())
                     cell = bs.buckets.setdefault(u.bucket, [0.0, 0.0, 0.0])
-                    cell[0] += u.weight * u.reward
-                    cell[1] += u.weight * (1.0 - u.reward)
-                    cell[2] += 1
+                    if delta is None:
+                        cell[0] += u.weight * u.reward
+                        cell[1] += u.weight * (1.0 - u.reward)
+                        cell[2] += 1
+                    else:
+                        cell[0] += u.weight * delta
+                        cell[1] -= u.weight * delta
             self._version += 1
             if event is not None:
                 self.events.append(event)
@@ -196,39 +235,88 @@ class InMemoryBanditStore:
                     for t in template_ids}
 
 
-# KEYS: 1 dedupe set, 2 meta hash, 3 events stream, 4.. one stat key per update (in order).
-# ARGV: 1 dedupe member ('' = none), 2 ttl s, 3 updates JSON, 4 event JSON ('' = none),
-#       5 stream maxlen.
-_APPLY_LUA = """
+#: Lua function shared by every script that writes statistics (the feedback apply below and
+#: the impression write of :mod:`orchestrator.feedback`). ``apply_stats(ups, first, out_key,
+#: out_ttl)`` adds the decoded updates ``ups`` to the stat hashes ``KEYS[first]...`` (one per
+#: update, in order). With an ``out_key`` (the request's ``P out:<request_id>`` hash) an update
+#: carrying a group ``g`` follows the one-observation max rule of :mod:`orchestrator.rewards`:
+#: group absent -> full observation and ``g`` -> r stored; ``r > stored`` -> only the reward
+#: sums move by ``w (r - stored)`` (Beta: ``a += w d``, ``b -= w d``) and r is stored; else
+#: nothing. Rewards are stored with ``%.17g`` so a replayed r compares equal to itself
+#: (idempotent). Returns how many updates changed something.
+STATS_LUA = """
+local function apply_stats(ups, first, out_key, out_ttl)
+  local changed = 0
+  local touched = false
+  for n, u in ipairs(ups) do
+    local key = KEYS[first + n - 1]
+    local w = tonumber(u.w)
+    local r = tonumber(u.r)
+    local full = true
+    local go = true
+    local d = r
+    if out_key and u.g then
+      local old = redis.call('HGET', out_key, u.g)
+      if old then
+        old = tonumber(old)
+        if r > old then
+          full = false
+          d = r - old
+        else
+          go = false
+        end
+      end
+      if go then
+        redis.call('HSET', out_key, u.g, string.format('%.17g', r))
+        touched = true
+      end
+    end
+    if go then
+      changed = changed + 1
+      if u.t == 'lin' then
+        local idx = u.i
+        local val = u.v
+        if full then
+          redis.call('HINCRBYFLOAT', key, 'n', 1)
+          redis.call('HINCRBYFLOAT', key, 'w', w)
+        end
+        for a = 1, #idx do
+          local xa = val[a]
+          if d ~= 0 then
+            redis.call('HINCRBYFLOAT', key, 'b:' .. idx[a], w * d * xa)
+          end
+          if full then
+            for c = a, #idx do
+              redis.call('HINCRBYFLOAT', key, 'A:' .. idx[a] .. ':' .. idx[c], w * xa * val[c])
+            end
+          end
+        end
+      elseif full then
+        redis.call('HINCRBYFLOAT', key, u.f .. ':a', w * r)
+        redis.call('HINCRBYFLOAT', key, u.f .. ':b', w * (1 - r))
+        redis.call('HINCRBYFLOAT', key, u.f .. ':n', 1)
+      else
+        redis.call('HINCRBYFLOAT', key, u.f .. ':a', w * d)
+        redis.call('HINCRBYFLOAT', key, u.f .. ':b', -w * d)
+      end
+    end
+  end
+  if touched then redis.call('EXPIRE', out_key, out_ttl) end
+  return changed
+end
+"""
+
+# KEYS: 1 dedupe set, 2 meta hash, 3 events stream, 4 outcome hash, 5.. one stat key per
+# update (in order). ARGV: 1 dedupe member ('' = none), 2 ttl s, 3 updates JSON, 4 event JSON
+# ('' = none), 5 stream maxlen, 6 outcome ttl s ('' = no outcome rule: additive updates).
+_APPLY_LUA = STATS_LUA + """
 if ARGV[1] ~= '' then
   if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 end
-local ups = cjson.decode(ARGV[3])
-for n, u in ipairs(ups) do
-  local key = KEYS[3 + n]
-  local w = tonumber(u.w)
-  local r = tonumber(u.r)
-  if u.t == 'lin' then
-    local idx = u.i
-    local val = u.v
-    redis.call('HINCRBYFLOAT', key, 'n', 1)
-    redis.call('HINCRBYFLOAT', key, 'w', w)
-    for a = 1, #idx do
-      local xa = val[a]
-      if r ~= 0 then
-        redis.call('HINCRBYFLOAT', key, 'b:' .. idx[a], w * r * xa)
-      end
-      for c = a, #idx do
-        redis.call('HINCRBYFLOAT', key, 'A:' .. idx[a] .. ':' .. idx[c], w * xa * val[c])
-      end
-    end
-  else
-    redis.call('HINCRBYFLOAT', key, u.f .. ':a', w * r)
-    redis.call('HINCRBYFLOAT', key, u.f .. ':b', w * (1 - r))
-    redis.call('HINCRBYFLOAT', key, u.f .. ':n', 1)
-  end
-end
+local out_key = nil
+if ARGV[6] ~= '' then out_key = KEYS[4] end
+apply_stats(cjson.decode(ARGV[3]), 5, out_key, tonumber(ARGV[6]))
 redis.call('HINCRBY', KEYS[2], 'version', 1)
 if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'type', 'feedback', 'data', ARGV[4])
@@ -249,6 +337,11 @@ class RedisBanditStore:
     dim:
         Context vector dimension; recorded in ``bandit:meta`` and checked on start, because
         statistics of another dimension cannot be read.
+    featurizer_version, qu_version:
+        What produces this process's contexts (``ContextFeaturizer.version`` and the QU model
+        version, or a callable returning it: the QU model is hot-reloaded). Recorded with
+        ``dim`` when the state is created, compared on start and whenever the statistics are
+        read (see :meth:`check_schema`); ``featurizer_version=None`` compares ``dim`` only.
     stream_maxlen:
         Approximate cap of the ``events`` stream.
     url:
@@ -256,14 +349,22 @@ class RedisBanditStore:
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str, dim: int,
-                 stream_maxlen: int = 200_000, url: str = "redis") -> None:
+                 stream_maxlen: int = 200_000, url: str = "redis",
+                 featurizer_version: str | None = None,
+                 qu_version: str | Callable[[], str | None] | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.dim = dim
         self.stream_maxlen = stream_maxlen
         self.url = url
+        self.featurizer_version = featurizer_version
+        self.qu_version = qu_version
         self._script = client.register_script(_APPLY_LUA)
         self._checked = False
+        #: ``current`` | ``stale`` (same dim, other versions: the old statistics serve) |
+        #: ``incompatible`` (other dim: priors serve, observations are logged, not counted).
+        self.compat: Compat = "current"
+        self._warned: tuple[Any, ...] | None = None
 
     # -- keys ------------------------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -280,43 +381,124 @@ class RedisBanditStore:
     def _unavailable(self, exc: Exception) -> ServiceUnavailableError:
         return ServiceUnavailableError("Redis", self.url)
 
-    def check_schema(self) -> None:
-        """Record (first start) or verify the schema version and dimension of the state."""
+    def expected_qu_version(self) -> str | None:
+        """The QU model version of this process right now."""
+        v = self.qu_version() if callable(self.qu_version) else self.qu_version
+        return str(v) if v else None
+
+    def state_versions(self) -> dict[str, Any]:
+        """``dim``, ``featurizer_version`` and ``qu_version`` recorded in ``bandit:meta``
+        (``None`` when absent; a state created before versioning reads as featurizer
+        ``"1"``)."""
         try:
-            self.client.hsetnx(self.meta_key, "schema_version", SCHEMA_VERSION)
-            self.client.hsetnx(self.meta_key, "dim", self.dim)
-            meta = self.client.hmget(self.meta_key, ["schema_version", "dim"])
+            raw = self.client.hmget(self.meta_key, ["dim", "featurizer_version", "qu_version"])
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc) from exc
-        sv, dim = int(meta[0]), int(meta[1])
+        return _meta_versions(raw)
+
+    def check_schema(self) -> Compat:
+        """Record (first start) or verify the schema version, dimension and versions.
+
+        On first start (no ``dim`` in the meta) the schema version, ``dim``,
+        ``featurizer_version`` and ``qu_version`` are recorded atomically. Then:
+
+        - another ``schema_version``: :class:`StateVersionError`;
+        - another ``dim``: ``"incompatible"`` -- the statistics cannot be read: selectors get
+          priors (empty statistics) and observations are logged (events, duplicate markers) but
+          not counted, with a warning, until ``ltrr migrate-posteriors``
+          (:func:`orchestrator.training.migrate_posteriors`) rebuilds the state;
+        - same ``dim``, another featurizer or QU version: ``"stale"`` -- the old statistics
+          keep serving, with a warning, until the migration;
+        - else ``"current"``.
+
+        Returns
+        -------
+        str
+            The compatibility, also kept in :attr:`compat` (re-assessed on every read of the
+            statistics, so a migration or a QU promotion is noticed without a restart).
+        """
+        try:
+            raw = self.client.register_script(_INIT_META_LUA)(
+                keys=[self.meta_key],
+                args=[SCHEMA_VERSION, self.dim, self.featurizer_version or "",
+                      self.expected_qu_version() or ""])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self._unavailable(exc) from exc
+        sv = int(raw[0])
         if sv != SCHEMA_VERSION:
             raise StateVersionError(
                 f"bandit state under {self.prefix!r} has schema_version {sv}; this code reads "
                 f"{SCHEMA_VERSION}. Export it with an older version or use a new key_prefix."
             )
-        if dim != self.dim:
-            raise StateVersionError(
-                f"bandit state under {self.prefix!r} was built with dim={dim}, the selector "
-                f"uses dim={self.dim}; set the selector's hash_dim to match or use a new key_prefix"
-            )
         self._checked = True
+        return self._assess(_meta_versions(raw[1:]))
+
+    def _assess(self, meta: dict[str, Any]) -> Compat:
+        if meta["dim"] is None:  # never checked: nothing recorded to differ from
+            self.compat = "current"
+            return self.compat
+        mine = {"dim": self.dim, "featurizer_version": self.featurizer_version,
+                "qu_version": self.expected_qu_version()}
+        if meta["dim"] != self.dim:
+            self.compat = "incompatible"
+        elif self.featurizer_version is not None and (
+                meta["featurizer_version"] != mine["featurizer_version"]
+                or meta["qu_version"] != mine["qu_version"]):
+            self.compat = "stale"
+        else:
+            self.compat = "current"
+        seen = (self.compat, tuple(sorted(meta.items())), tuple(sorted(mine.items())))
+        if self.compat != "current" and seen != self._warned:
+            logger.warning(
+                "bandit state under %r was built with %s, this process uses %s: %s until "
+                "`ltrr migrate-posteriors` runs", self.prefix, meta, mine,
+                "serving from the old statistics" if self.compat == "stale"
+                else "serving from priors and not counting observations (the old statistics "
+                     "have another dimension)")
+        self._warned = seen if self.compat != "current" else None
+        return self.compat
+
+    def refresh_compat(self) -> Compat:
+        """Re-assess :attr:`compat` against the meta (one ``HMGET``)."""
+        return self._assess(self.state_versions())
 
     # -- writes ----------------------------------------------------------------------------
-    def apply(self, updates: Sequence[StatUpdate], *, dedupe: tuple[str, str, int] | None = None,
-              event: dict[str, Any] | None = None) -> bool:
-        keys = [dedupe[0] if dedupe else self.key("fb", "_none"), self.meta_key, self.events_key]
+    def outcome_key(self, request_id: str) -> str:
+        """``P out:<request_id>``: rewards already applied for a request (the max rule)."""
+        return f"{self.prefix}out:{request_id}"
+
+    def stat_payload(self, updates: Sequence[StatUpdate]) -> tuple[list[str], str]:
+        """The stat keys (one per update, in order) and the updates JSON that
+        :data:`STATS_LUA`'s ``apply_stats`` reads."""
+        if self.compat == "incompatible":  # another dim: log and mark, count nothing
+            updates = ()
+        keys: list[str] = []
         payload: list[dict[str, Any]] = []
         for u in updates:
             if isinstance(u, LinearUpdate):
                 keys.append(self.key("bandit", "lin", u.component))
-                payload.append({"t": "lin", "i": list(u.indices), "v": list(u.values),
-                                "r": u.reward, "w": u.weight})
+                row: dict[str, Any] = {"t": "lin", "i": list(u.indices), "v": list(u.values),
+                                       "r": u.reward, "w": u.weight}
             else:
                 keys.append(self.key("bandit", "beta", u.template_id))
-                payload.append({"t": "beta", "f": u.bucket, "r": u.reward, "w": u.weight})
-        args = [dedupe[1] if dedupe else "", dedupe[2] if dedupe else 0, json.dumps(payload),
+                row = {"t": "beta", "f": u.bucket, "r": u.reward, "w": u.weight}
+            if u.group:
+                row["g"] = u.group
+            payload.append(row)
+        return keys, json.dumps(payload)
+
+    def apply(self, updates: Sequence[StatUpdate], *, dedupe: tuple[str, str, int] | None = None,
+              event: dict[str, Any] | None = None,
+              outcome: tuple[str, int] | None = None) -> bool:
+        """Apply ``updates`` atomically with the optional duplicate marker and event (one Lua
+        script); with ``outcome=(key, ttl)`` grouped updates follow the max rule (see
+        :data:`STATS_LUA`). False: the duplicate marker was already there."""
+        stat_keys, payload = self.stat_payload(updates)
+        keys = [dedupe[0] if dedupe else self.key("fb", "_none"), self.meta_key, self.events_key,
+                outcome[0] if outcome else self.key("out", "_none"), *stat_keys]
+        args = [dedupe[1] if dedupe else "", dedupe[2] if dedupe else 0, payload,
                 json.dumps(event, separators=(",", ":")) if event is not None else "",
-                self.stream_maxlen]
+                self.stream_maxlen, int(outcome[1]) if outcome else ""]
         try:
             return bool(self._script(keys=keys, args=args))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -345,6 +527,8 @@ class RedisBanditStore:
             raise self._unavailable(exc) from exc
 
     def load_linear(self, components: Sequence[str]) -> dict[str, LinearStats]:
+        if self._checked and self.refresh_compat() == "incompatible":
+            return {c: LinearStats.empty(self.dim) for c in components}  # priors
         raw = self._hgetall_many([self.key("bandit", "lin", c) for c in components])
         out: dict[str, LinearStats] = {}
         for c, h in zip(components, raw):
@@ -367,6 +551,8 @@ class RedisBanditStore:
         return out
 
     def load_beta(self, template_ids: Sequence[str]) -> dict[str, BetaStats]:
+        if self._checked and self.refresh_compat() == "incompatible":
+            return {t: BetaStats() for t in template_ids}  # priors
         raw = self._hgetall_many([self.key("bandit", "beta", t) for t in template_ids])
         out: dict[str, BetaStats] = {}
         for t, h in zip(template_ids, raw):
@@ -394,6 +580,33 @@ class RedisBanditStore:
                           for k in self.client.scan_iter(match=base + "*", count=500))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc) from exc
+
+
+#: See :meth:`RedisBanditStore.check_schema`. KEYS: 1 meta hash. ARGV: schema version, dim,
+#: featurizer version, QU version ('' = none). Returns HMGET schema_version, dim,
+#: featurizer_version, qu_version.
+_INIT_META_LUA = """
+redis.call('HSETNX', KEYS[1], 'schema_version', ARGV[1])
+if redis.call('HEXISTS', KEYS[1], 'dim') == 0 then
+  redis.call('HSET', KEYS[1], 'dim', ARGV[2])
+  if ARGV[3] ~= '' then
+    redis.call('HSET', KEYS[1], 'featurizer_version', ARGV[3], 'qu_version', ARGV[4])
+  end
+end
+return redis.call('HMGET', KEYS[1], 'schema_version', 'dim', 'featurizer_version', 'qu_version')
+"""
+
+#: What a state created before versioning was built with.
+LEGACY_FEATURIZER_VERSION = "1"
+
+
+def _meta_versions(raw: Sequence[Any]) -> dict[str, Any]:
+    """``[dim, featurizer_version, qu_version]`` as read from the meta hash."""
+    dim, fv, qv = (None if x is None else (x.decode() if isinstance(x, bytes) else str(x))
+                   for x in raw)
+    return {"dim": int(dim) if dim else None,
+            "featurizer_version": (fv or LEGACY_FEATURIZER_VERSION) if dim else fv or None,
+            "qu_version": qv or None}
 
 
 def export_state(store: BanditStore, *, components: Sequence[str], template_ids: Sequence[str],

@@ -90,6 +90,7 @@ def index(
         encoder=get_encoder(s.embedding) if embeddings else None,
         chunk_size=s.ingest.chunk_size, thread_count=s.ingest.thread_count,
         embed_batch=s.embedding.batch_size, keep_old_indices=s.ingest.keep_old_indices,
+        memory_alias=_memory_alias(s, alias), memory=_memory_seed_kwargs(s),
     )
     summary = indexer.run(builder, progress=progress)
     d = summary.as_dict()
@@ -103,6 +104,100 @@ def index(
     typer.echo(f"rejected by Elasticsearch: {d['failed'] or 'none'}")
     typer.echo(f"alias {d['alias']} -> {d['index']} (was {d['swapped_from'] or 'unset'}; "
                f"deleted {d['deleted'] or 'nothing'})")
+    if d.get("memory"):
+        m = d["memory"]
+        typer.echo(f"memory {m['alias']} -> {m['index']}: {m['pairs']} predicted pairs, "
+                   f"{m['carried']} learned carried over, {m['seconds']} s")
+
+
+def _memory_alias(s: OrchestratorSettings, catalog_alias: str | None = None) -> str:
+    from .memory import memory_alias
+
+    if catalog_alias and catalog_alias != s.es.catalog_alias:
+        return memory_alias(catalog_alias)
+    return memory_alias(s.es.catalog_alias, s.memory.alias)
+
+
+def _memory_seed_kwargs(s: OrchestratorSettings) -> dict:  # type: ignore[type-arg]
+    """Seeding holds the memory lock in Redis while it carries learned pairs over and swaps;
+    with Redis down it seeds without it (no updater can run then anyway)."""
+    from .errors import ServiceUnavailableError
+    from .redis_client import build_redis, check_available
+
+    r = build_redis(s.redis)
+    try:
+        check_available(r, s.redis.url)
+    except ServiceUnavailableError as exc:
+        typer.echo(f"warning: {exc}; seeding the memory index without the updater lock", err=True)
+        r = None
+    return {"redis_client": r, "prefix": s.redis.key_prefix,
+            "prior_strength": s.memory.prior_strength, "min_score": s.memory.min_score}
+
+
+memory_app = typer.Typer(help="The Q2E memory index: seed, run the updater, repair.",
+                         no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
+
+
+@memory_app.command("seed")
+def memory_seed(
+    catalog: Annotated[str | None, typer.Option(help="Catalog alias/index to read q2e from "
+                                                     "(default: es.catalog_alias).")] = None,
+    alias: Annotated[str | None, typer.Option(help="Memory alias to build (default: "
+                                                   "memory.alias or <catalog>-memory).")] = None,
+) -> None:
+    """Seed a fresh memory index from an existing catalog's predicted q2e pairs (scan), carry
+    the learned pairs over and swap the alias."""
+    from .memory import seed_memory
+
+    s = _settings()
+    client = _es(s)
+    res = seed_memory(client, catalog=catalog or s.es.catalog_alias,
+                      memory_alias=alias or _memory_alias(s, catalog),
+                      mappings_dir=s.ingest.mappings_dir, keep_old_indices=s.ingest.keep_old_indices,
+                      **_memory_seed_kwargs(s))
+    typer.echo(json.dumps(res, default=str))
+
+
+@memory_app.command("update")
+def memory_update() -> None:
+    """Apply the stream's new events once (what the update_memory task does)."""
+    from .redis_client import build_redis
+    from .tasks import run_update_memory
+
+    s = _settings()
+    typer.echo(json.dumps(run_update_memory(s, _es(s), build_redis(s.redis))))
+
+
+@memory_app.command("run")
+def memory_run(
+    interval: Annotated[float, typer.Option(help="Longest wait for new events, seconds.")] = 0.5,
+) -> None:
+    """Run the memory updater in a loop (instead of, or besides, the Celery beat entry):
+    feedback is retrievable within about a second plus the index refresh."""
+    from .log import configure_logging
+    from .memory import run_loop, updater_from_settings
+    from .redis_client import build_redis
+
+    s = _settings()
+    configure_logging(s.log.level, json_lines=s.log.json_lines)
+    up = updater_from_settings(s, _es(s), build_redis(s.redis))
+    typer.echo(f"memory updater: {up.stream} -> {up.memory_alias} (group memory); Ctrl-C stops")
+    try:
+        run_loop(up, interval_s=interval, batch_size=s.celery.event_batch_size)
+    except KeyboardInterrupt:
+        pass
+
+
+@memory_app.command("repair")
+def memory_repair() -> None:
+    """Rebuild the learned pairs from the events index and the stream (time decay; pairs
+    decayed below memory.min_score deleted): the train_memory task."""
+    from .redis_client import build_redis
+    from .tasks import run_train_memory
+
+    s = _settings()
+    typer.echo(json.dumps(run_train_memory(s, _es(s), build_redis(s.redis)), default=str))
 
 
 @app.command()
@@ -252,6 +347,7 @@ def _search_per_arm(s: OrchestratorSettings, query: str, *, size: int,
     reqs = build_requests(reg, parsed, q, budgets={t.arm: size for t in arms}, vector=vec,
                           max_query_chars=s.limits.max_query_chars)
     ms = MultiSearch(client, index=s.es.catalog_alias, registry=reg,
+                     indices={"memory": _memory_alias(s)},
                      max_param_bytes=s.limits.max_param_bytes)
     results = ms.execute(reqs)
     if as_json:
@@ -393,6 +489,32 @@ def retrain(
         t0 = time.perf_counter()
         res = fn(s, client, r)
         typer.echo(f"      done in {time.perf_counter() - t0:.1f} s: {json.dumps(res, default=str)}")
+
+
+@app.command("migrate-posteriors")
+def migrate_posteriors(
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when the state already "
+                                        "records the current versions.")] = False,
+    via_celery: Annotated[bool, typer.Option("--via-celery", help="Run it on a Celery worker and wait.")] = False,
+    timeout: Annotated[float, typer.Option(help="With --via-celery: seconds to wait.")] = 1800,
+) -> None:
+    """Re-featurize the logged impressions for the current featurizer (bandit.hash_dim) and
+    the promoted QU model, rebuild the bandit posteriors and record both versions. Needed after
+    a change of either: until then the orchestrators serve the old statistics (same dimension)
+    or the priors (another dimension). Prints the versions before and after."""
+    s = _settings()
+    if via_celery:
+        from .tasks import migrate_posteriors as task
+
+        res = task.delay(force=force).get(timeout=timeout)
+    else:
+        from .redis_client import build_redis, check_available
+        from .tasks import run_migrate_posteriors
+
+        r = build_redis(s.redis)
+        check_available(r, s.redis.url)
+        res = run_migrate_posteriors(s, _es(s), r, force=force)
+    typer.echo(json.dumps(res, default=str, indent=2))
 
 
 @app.command()

@@ -76,6 +76,8 @@ class ParsedQuery:
     intent_probs: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
     language: str | None = None
     features: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+    #: ``version`` of the QU model that produced this parse (``None``: not from a model).
+    model_version: str | None = field(default=None, compare=False)
 
     def values(self, category: str, *, min_confidence: float = 0.0) -> list[str]:
         """Canonical values of one slot category, best first, deduplicated."""
@@ -115,6 +117,10 @@ class ArmChoice:
     budget: int
     sampled: float
     propensity: float
+    #: Learned budget level (``bandit.budget_mode = "learned"``; None otherwise) and its
+    #: probability given that the arm was chosen (see :mod:`orchestrator.budgets`).
+    level: int | None = None
+    level_propensity: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +140,16 @@ class SelectionDecision:
     propensities: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
     n_resamples: int = 0
     subset_propensity: float = 1.0
+    #: Levels the budget learner chose from (empty: budgets not learned) and the probability
+    #: of the chosen levels given the subset (product over the chosen arms).
+    budget_levels: tuple[int, ...] = ()
+    budget_propensity: float = 1.0
+
+    @property
+    def action_propensity(self) -> float:
+        """Probability of the whole logged action (subset and budget levels):
+        ``subset_propensity * budget_propensity`` (see :mod:`orchestrator.budgets`)."""
+        return self.subset_propensity * self.budget_propensity
 
     @property
     def budgets(self) -> dict[str, int]:

@@ -17,27 +17,36 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
 
-from .bandit_state import RedisBanditStore
+from .bandit_state import STATS_LUA, RedisBanditStore, StatUpdate
 from .errors import ServiceUnavailableError, UnknownRequestError
 
 logger = logging.getLogger(__name__)
 
 _SEP = "\x1f"
 
-# Idempotent impression write, for replaying the spool (:mod:`orchestrator.resilience`): the
-# impression key is set only if absent, and the stream entry and per-arm counters are added
-# only when it was. KEYS: 1 impression, 2 events stream, 3 arms:impressions hash.
-# ARGV: 1 impression JSON, 2 ttl s, 3 event JSON, 4 stream maxlen, 5.. executed template ids.
-_REPLAY_IMPRESSION_LUA = """
+# Idempotent impression write, for replaying the spool (:mod:`orchestrator.resilience`) and
+# live writes alike: the impression key is set only if absent, and the stream entry, the
+# per-arm counters and the request's search-time bandit observations (one per chosen arm, see
+# :mod:`orchestrator.rewards`) are added only when it was, all in one script.
+# KEYS: 1 impression, 2 events stream, 3 arms:impressions hash, 4 bandit meta hash, 5 outcome
+# hash (P out:<request_id>), 6.. one stat key per update. ARGV: 1 impression JSON, 2 ttl s,
+# 3 event JSON, 4 stream maxlen, 5 updates JSON, 6 number of executed template ids, 7.. them.
+_REPLAY_IMPRESSION_LUA = STATS_LUA + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'impression', 'data', ARGV[3])
-for n = 5, #ARGV do
+local n_exec = tonumber(ARGV[6])
+for n = 7, 6 + n_exec do
   redis.call('HINCRBY', KEYS[3], ARGV[n], 1)
+end
+local ups = cjson.decode(ARGV[5])
+if #ups > 0 then
+  apply_stats(ups, 6, KEYS[5], tonumber(ARGV[2]))
+  redis.call('HINCRBY', KEYS[4], 'version', 1)
 end
 return 1
 """
@@ -97,14 +106,21 @@ class FeedbackLog:
             raise self._unavailable() from exc
 
     def replay_impression(self, impression: dict[str, Any], *, event: dict[str, Any],
-                          executed: Iterable[str]) -> bool:
+                          executed: Iterable[str], updates: Sequence[StatUpdate] = ()) -> bool:
         """Like :meth:`record_impression` but idempotent (one Lua script): nothing happens when
-        the impression is already stored, so a spool replayed twice counts it once. Returns
+        the impression is already stored, so a spool replayed twice counts it once. With
+        ``updates`` (the search-time observations, grouped) they are applied in the same
+        script against the request's outcome hash (see :mod:`orchestrator.rewards`). Returns
         True when it was written now."""
-        keys = [self.impression_key(impression["request_id"]), self.store.events_key,
-                self.store.key("arms", "impressions")]
+        rid = impression["request_id"]
+        stat_keys, payload = self.store.stat_payload(updates)
+        executed = list(executed)
+        keys = [self.impression_key(rid), self.store.events_key,
+                self.store.key("arms", "impressions"), self.store.meta_key,
+                self.store.outcome_key(rid), *stat_keys]
         args = [json.dumps(impression, separators=(",", ":")), self.impression_ttl_s,
-                json.dumps(event, separators=(",", ":")), self.stream_maxlen, *executed]
+                json.dumps(event, separators=(",", ":")), self.stream_maxlen, payload,
+                len(executed), *executed]
         try:
             return bool(self._replay_script(keys=keys, args=args))
         except (redis.ConnectionError, redis.TimeoutError) as exc:

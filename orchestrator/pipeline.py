@@ -16,6 +16,7 @@ Entry points for applications and the CLI::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import numbers
@@ -31,6 +32,7 @@ from elasticsearch import Elasticsearch
 
 from .arms import applicable, build_requests, validate_query
 from .bandit_state import RedisBanditStore, StatUpdate, update_to_dict
+from .budgets import level_updates
 from .domain import (
     ArmFailure,
     ArmRequest,
@@ -49,9 +51,12 @@ from .errors import (
     ServiceUnavailableError,
     UnknownRequestError,
 )
+from .examination import ExaminationModel, apply_swap, swap_intervention
 from .execution import MultiSearch
+from .featurizer import logged_context
 from .feedback import FeedbackLog
 from .log import set_request_id
+from .memory import MemoryKeys
 from .merging import Merger, UnionMerger
 from .rescoring import (
     FeatureExtractor,
@@ -70,9 +75,18 @@ from .resilience import (
     redis_appliers,
     spool_key,
 )
-from .rewards import ArmReward, RewardModel
+from .rewards import (
+    EMPTY_ACTION,
+    ArmReward,
+    RewardModel,
+    executed_arms,
+    level_rewards,
+    outcome_rewards,
+    shown_item,
+)
 from .security import InfluenceCap, RequestSigner
 from .selection import (
+    DEFAULT_THRESHOLD,
     ArmSelector,
     ArmSpec,
     ContextFeaturizer,
@@ -88,14 +102,19 @@ logger = logging.getLogger(__name__)
 #: Defaults of the settings this module reads (``settings.bandit`` / ``settings.feedback`` /
 #: ``settings.rescorer`` when the settings object has them; keyword overrides otherwise).
 BANDIT_DEFAULTS: dict[str, Any] = {
-    "policy": "linear", "total_budget": 60, "min_arms": 1, "max_arms": 3, "threshold": 0.3,
-    "min_budget": 10, "n_resamples": 200, "hash_dim": 16, "exploration": 0.5, "ridge": 1.0,
+    "policy": "linear", "total_budget": 60, "min_arms": 1, "max_arms": 3, "threshold": DEFAULT_THRESHOLD,
+    "min_budget": 10, "n_resamples": 200, "hash_dim": 64, "exploration": 0.5, "ridge": 1.0,
     "prior_mean": 0.5, "refresh_interval_s": 1.0, "seed": None,
-    "bucket_keys": ("intent", "daypart"),
+    "bucket_keys": ("intent", "daypart"), "budget_mode": "learned", "budget_levels": (10, 20, 40),
+    "budget_cost_per_candidate": 0.002,
 }
 FEEDBACK_DEFAULTS: dict[str, Any] = {
     "impression_ttl_s": 7 * 24 * 3600, "stream_maxlen": 200_000, "position_bias": "log2",
     "max_weight": 3.0,
+}
+#: ``settings.reward`` (see :class:`orchestrator.settings.RewardSettings`, :mod:`orchestrator.rewards`).
+REWARD_DEFAULTS: dict[str, Any] = {
+    "latency_cost_per_ms": 0.0002, "failure_reward": 0.0, "max_reward": 3.0, "credit": "shapley",
 }
 #: ``reload_interval_s``: how often (at most) a running orchestrator checks ``model_dir`` for a
 #: newly promoted model (one small file read; see :func:`orchestrator.rescoring.current_version`).
@@ -110,8 +129,6 @@ RESILIENCE_DEFAULTS: dict[str, Any] = {
 }
 #: Largest candidate budget a caller may ask for (the settings' ``bandit.total_budget`` bound).
 MAX_TOTAL_BUDGET = 1000
-#: Pseudo-action of the event logged when a response had no results (see ``rewards``).
-EMPTY_ACTION = "empty"
 
 
 class Understander(Protocol):
@@ -145,47 +162,22 @@ def _default_understander(model_dir: Any = None) -> Understander | None:
         return None
 
 
-def executed_arms(imp: Mapping[str, Any]) -> list[tuple[str, str, tuple[tuple[str, str], ...]]]:
-    """``(arm, template_id, action_features)`` of the chosen arms that ran, from a stored
-    impression (its ``decision.chosen`` and ``executed``)."""
-    ran = set(imp.get("executed") or ())
-    return [(c["arm"], c["template_id"], tuple(tuple(x) for x in c.get("action_features", [])))  # type: ignore[misc]
-            for c in imp["decision"]["chosen"] if c["template_id"] in ran]
-
-
-def impression_rewards(imp: Mapping[str, Any], *, item_id: str | None, action: str,
-                       reward_model: RewardModel) -> tuple[Mapping[str, Any] | None, list[ArmReward]]:
-    """Per-arm rewards of one interaction with a stored impression: the single rule shared by
-    live feedback (:meth:`Orchestrator.feedback`) and offline replay
-    (:func:`orchestrator.training.rebuild_posteriors`).
-
-    ``action == EMPTY_ACTION`` (a response without results): every arm that ran gets reward 0
-    with weight 1. Otherwise the shown item and the :class:`RewardModel` rules apply.
-
-    Returns
-    -------
-    (item, rewards)
-        The shown item (``None`` for ``empty``) and the observations.
-
-    Raises
-    ------
-    InvalidFeedbackError
-        Unknown action, or an item the impression did not show.
-    """
-    executed = executed_arms(imp)
-    if action == EMPTY_ACTION:
-        return None, [ArmReward(arm, tid, 0.0, 1.0, af) for arm, tid, af in executed]
-    reward_model.check_action(action)
-    item = next((s for s in imp["shown"] if s["id"] == item_id), None)
-    if item is None:
-        shown = [s["id"] for s in imp["shown"]]
-        raise InvalidFeedbackError(
-            f"item {item_id!r} was not shown for request {imp.get('request_id')!r}; "
-            f"shown: {shown[:10]}" + (" ..." if len(shown) > 10 else "")
-        )
-    rewards = reward_model.arm_rewards(action=action, position=int(item["rank"]),
-                                       item_arms=item["arms"], executed=executed)
-    return item, rewards
+def _duration_ms(value: str | float | int) -> float:
+    """An Elasticsearch time value (``"500ms"``, ``"2s"``, ``"1m"``; a number is ms) in ms."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip().lower()
+    for unit, factor in (("ms", 1.0), ("micros", 1e-3), ("nanos", 1e-6), ("s", 1000.0),
+                         ("m", 60_000.0), ("h", 3_600_000.0), ("d", 86_400_000.0)):
+        if text.endswith(unit):
+            try:
+                return float(text[: -len(unit)]) * factor
+            except ValueError:
+                break
+    try:
+        return float(text)
+    except ValueError:
+        raise OrchestratorError(f"cannot read the time value {value!r} (e.g. '500ms', '2s')") from None
 
 
 def _rescorer_label(rescorer: Any) -> str:
@@ -275,12 +267,16 @@ def decision_to_dict(decision: SelectionDecision) -> dict[str, Any]:
         "policy": decision.policy, "total_budget": decision.total_budget,
         "n_resamples": decision.n_resamples,
         "chosen": [{"arm": c.arm, "template_id": c.template_id, "budget": c.budget,
-                    "sampled": round(c.sampled, 5), "propensity": round(c.propensity, 5)}
+                    "sampled": round(c.sampled, 5), "propensity": round(c.propensity, 5),
+                    "level": c.level, "level_propensity": round(c.level_propensity, 5)}
                    for c in decision.choices],
         "sampled": {k: round(v, 5) for k, v in decision.sampled.items()},
         "expected": {k: round(v, 5) for k, v in decision.expected.items()},
         "propensities": {k: round(v, 5) for k, v in decision.propensities.items()},
         "subset_propensity": round(decision.subset_propensity, 5),
+        "budget_levels": list(decision.budget_levels),
+        "budget_propensity": round(decision.budget_propensity, 5),
+        "action_propensity": round(decision.action_propensity, 5),
     }
 
 
@@ -356,6 +352,9 @@ class Orchestrator:
     request_id_factory:
         Returns the id of each new request (default: a random UUID4). The id also seeds the
         explore arm, so a seeded factory makes runs reproducible (the simulator passes one).
+    arm_timeout_ms:
+        The per-arm time-out (``resilience.arm_timeout``): the latency charged to an arm that
+        timed out (see :mod:`orchestrator.rewards`).
     """
 
     def __init__(self, *, es: Elasticsearch, redis: redis_lib.Redis, registry: TemplateRegistry,
@@ -370,7 +369,11 @@ class Orchestrator:
                  influence: InfluenceCap | None = None, writer: DurableRedisWriter | None = None,
                  fallback: FallbackCache | None = None,
                  recent: RecentImpressions | None = None,
-                 request_id_factory: Callable[[], str] | None = None) -> None:
+                 request_id_factory: Callable[[], str] | None = None,
+                 arm_timeout_ms: float = 500.0,
+                 memory_keys: MemoryKeys | None = None, swap_rate: float = 0.0,
+                 swap_max_position: int = 20,
+                 examination_refresh_s: float | None = None) -> None:
         self.es = es
         self.redis = redis
         self.registry = registry
@@ -405,6 +408,16 @@ class Orchestrator:
         self.fallback = fallback
         self.recent = recent
         self.request_id_factory = request_id_factory or _uuid4_str
+        # Request-time "does the memory know this query" feature (None: not consulted).
+        self.memory_keys = memory_keys
+        # Randomised swap interventions that the examination model is estimated from
+        # (orchestrator.examination): rate and the deepest display position swapped to.
+        self.swap_rate = swap_rate
+        self.swap_max_position = swap_max_position
+        # None: the reward model's examination model as given; else the one estimated into
+        # Redis (ExaminationModel.load, cached per process for this many seconds).
+        self.examination_refresh_s = examination_refresh_s
+        self.arm_timeout_ms = float(arm_timeout_ms)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -417,6 +430,7 @@ class Orchestrator:
                       feedback: Mapping[str, Any] | None = None,
                       rescoring: Mapping[str, Any] | None = None,
                       resilience: Mapping[str, Any] | None = None,
+                      reward: Mapping[str, Any] | None = None,
                       check_services: bool = True,
                       request_id_factory: Callable[[], str] | None = None) -> Orchestrator:
         """Build from :class:`OrchestratorSettings` (``es``, ``redis``, ``templates``, ``limits``
@@ -437,6 +451,8 @@ class Orchestrator:
         f = _slice(settings, "feedback", FEEDBACK_DEFAULTS, feedback)
         r = _slice(settings, "rescorer", RESCORER_DEFAULTS, rescoring)
         res = _slice(settings, "resilience", RESILIENCE_DEFAULTS, resilience)
+        ex = getattr(settings, "examination", None)
+        rw = _slice(settings, "reward", REWARD_DEFAULTS, reward)
         es = es if es is not None else build_client(settings.es)
         redis = redis if redis is not None else build_redis(settings.redis)
         if check_services:
@@ -446,7 +462,12 @@ class Orchestrator:
         mode = settings.templates.mode
         if mode == "auto":
             mode = "stored" if node_capabilities(es).stored_templates else "local"
+        from .memory import memory_alias
+
+        mem = getattr(settings, "memory", None)
         ms = MultiSearch(es, index=settings.es.catalog_alias, registry=registry, mode=mode,
+                         indices={"memory": memory_alias(settings.es.catalog_alias,
+                                                         getattr(mem, "alias", None))},
                          max_param_bytes=settings.limits.max_param_bytes,
                          arm_timeout=res["arm_timeout"], request_timeout_s=res["es_search_timeout_s"],
                          max_retries=res["es_search_retries"],
@@ -454,12 +475,16 @@ class Orchestrator:
                                                 failure_threshold=res["es_failure_threshold"],
                                                 reset_timeout_s=res["es_reset_timeout_s"]))
         featurizer = ContextFeaturizer(hash_dim=b["hash_dim"], bucket_keys=b["bucket_keys"])
+        # The QU model is hot-reloaded: the store asks for its version when it compares.
         store = RedisBanditStore(redis, prefix=settings.redis.key_prefix, dim=featurizer.dim,
-                                 stream_maxlen=f["stream_maxlen"], url=settings.redis.url)
-        store.check_schema()
+                                 stream_maxlen=f["stream_maxlen"], url=settings.redis.url,
+                                 featurizer_version=featurizer.version,
+                                 qu_version=lambda: getattr(understander, "version", None))
         learner = None
         if selector is None:
-            common = {k: b[k] for k in ("min_arms", "max_arms", "threshold", "min_budget", "n_resamples")}
+            common = {k: b[k] for k in ("min_arms", "max_arms", "threshold", "min_budget",
+                                        "n_resamples", "budget_mode", "budget_levels",
+                                        "budget_cost_per_candidate")}
             if b["policy"] == "linear":
                 selector = LinearThompsonSelector(
                     store, exploration=b["exploration"], ridge=b["ridge"], prior_mean=b["prior_mean"],
@@ -483,6 +508,7 @@ class Orchestrator:
         if understander == "auto":
             qu = getattr(settings, "qu", None)
             understander = _default_understander(getattr(qu, "model_dir", None))
+        store.check_schema()  # after the understander: it records / compares the QU version
         if encoder_factory is None:
             def encoder_factory() -> Any:
                 from .embeddings import get_encoder
@@ -505,7 +531,8 @@ class Orchestrator:
             selector=selector, store=store, log=log,
             rescorer=rescorer, understander=understander,  # type: ignore[arg-type]
             learner=learner,
-            reward_model=RewardModel(position_bias=f["position_bias"], max_weight=f["max_weight"]),
+            reward_model=RewardModel(position_bias=f["position_bias"], **rw),
+            arm_timeout_ms=_duration_ms(res["arm_timeout"]),
             encoder_factory=encoder_factory, total_budget=b["total_budget"],
             max_results=settings.limits.max_results, max_query_chars=settings.limits.max_query_chars,
             es_url=settings.es.url, redis_url=settings.redis.url,
@@ -518,6 +545,10 @@ class Orchestrator:
             fallback=(FallbackCache(res["fallback_cache_size"], max_age_s=res["fallback_max_age_s"])
                       if res["fallback_cache_size"] > 0 else None),
             request_id_factory=request_id_factory,
+            memory_keys=MemoryKeys(redis, prefix=settings.redis.key_prefix),
+            swap_rate=ex.swap_rate if ex is not None else 0.0,
+            swap_max_position=ex.max_position if ex is not None else 20,
+            examination_refresh_s=ex.refresh_interval_s if ex is not None else None,
         )
 
     # -- rescorer hot reload -----------------------------------------------------------------
@@ -548,6 +579,18 @@ class Orchestrator:
         logger.info("rescorer v%s -> v%s (%s)", self.rescorer_version, version, model.name)
         self.rescorer = model
         return True
+
+    def _rewards(self) -> RewardModel:
+        """The reward model, with the examination model estimated into Redis when
+        ``examination_refresh_s`` is set (cached per process; the prior until one exists)."""
+        if self.examination_refresh_s is None:
+            return self.reward_model
+        model = ExaminationModel.load(self.redis, prefix=self.store.prefix,
+                                      refresh_interval_s=self.examination_refresh_s,
+                                      default=self.reward_model.examination)
+        if model is self.reward_model.examination:
+            return self.reward_model
+        return dataclasses.replace(self.reward_model, examination=model)
 
     # -- search --------------------------------------------------------------------------------
     def eligible_arms(self, parsed: ParsedQuery | None) -> list[ArmSpec]:
@@ -603,9 +646,13 @@ class Orchestrator:
         timings["qu"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        sel_ctx = self.featurizer.transform(parsed, ctx, q)
+        memory_pairs = (self.memory_keys.known_pairs(normalize_query(q))
+                        if self.memory_keys is not None else None)
+        sel_ctx = self.featurizer.transform(parsed, ctx, q, memory_pairs=memory_pairs)
         eligible = self.eligible_arms(parsed)
-        decision = self.selector.select(sel_ctx, eligible, total_budget=budget)
+        decision = self.selector.select(
+            sel_ctx, eligible, total_budget=budget,
+            **({"size": size} if getattr(self.selector, "accepts_size", False) else {}))
         timings["select"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -634,6 +681,11 @@ class Orchestrator:
         self.reload_rescorer()
         rescorer = self.rescorer
         ranked = rescorer.rank(candidates, query=q, parsed=parsed, extractor=self.extractor)[:size]  # type: ignore[call-arg]
+        # The swap intervention (orchestrator.examination): positions 1 and k trade places,
+        # and the impression logs ``swap``; ranks below are display positions.
+        swap = swap_intervention(len(ranked), rate=self.swap_rate, seed=rid,
+                                 max_position=self.swap_max_position)
+        ranked = apply_swap(ranked, swap)
         items = tuple(RankedItem(c.id, pos, s, c.source, c.provenance,
                                  dict(zip(self.extractor.names, x.tolist())))
                       for pos, (c, s, x) in enumerate(ranked, start=1))
@@ -654,9 +706,7 @@ class Orchestrator:
             self.fallback.put((normalize_query(q), size), resp)
 
         t = time.perf_counter()
-        impression = self._record(resp, sel_ctx, executed)
-        if not items and executed:
-            self._reward_empty(resp, sel_ctx, impression, client_id=client_id)
+        self._record(resp, sel_ctx, executed, client_id=client_id, swap=swap)
         timings_ms["log"] = round((time.perf_counter() - t) * 1000, 3)
         timings_ms["overhead"] = round(sum(timings_ms[k] for k in ("qu", "select", "build", "merge", "rescore")), 3)
         timings_ms["total"] = round((time.perf_counter() - t0) * 1000, 3)
@@ -692,21 +742,30 @@ class Orchestrator:
         """One Redis write through the durable writer: ``(result, spooled)``."""
         if self.writer is not None:
             return self.writer.write(kind, payload)
-        if kind == "impression":
-            self.log.record_impression(payload["impression"], event=payload["event"],
-                                       executed=payload["executed"])
-            return True, False
         return redis_appliers(self.store, self.log)[kind](payload), False
 
     def _apply_updates(self, updates: Sequence[StatUpdate], dedupe: tuple[str, str, int],
-                       event: dict[str, Any]) -> bool:
-        """Atomic bandit update + duplicate marker + event (spooled while Redis is down, and
-        then acknowledged as applied once durable). False: a duplicate."""
+                       event: dict[str, Any], request_id: str) -> bool:
+        """Atomic bandit update (raising the request's observation, the max rule of
+        :mod:`orchestrator.rewards`) + duplicate marker + event (spooled while Redis is down,
+        and then acknowledged as applied once durable). False: a duplicate."""
         if self.writer is not None and self.writer.spool.has_marker(dedupe[0], dedupe[1]):
             return False  # the same feedback is already waiting in the spool
-        result, spooled = self._write("apply", {"updates": [update_to_dict(u) for u in updates],
-                                                "dedupe": list(dedupe), "event": event})
+        result, spooled = self._write("apply", {
+            "updates": [update_to_dict(u) for u in updates], "dedupe": list(dedupe),
+            "event": event,
+            "outcome": [self.store.outcome_key(request_id), self.log.impression_ttl_s]})
         return True if spooled else bool(result)
+
+    def _observations(self, impression: Mapping[str, Any], sel_ctx: SelectionContext,
+                      actions: Sequence[tuple[str, str]] = ()) -> tuple[list[ArmReward], list[StatUpdate]]:
+        """The request's per-arm rewards given ``actions`` so far, and their statistic updates
+        (the learner's arm statistics plus the budget levels'), grouped for the max rule."""
+        rewards = outcome_rewards(impression, actions, self._rewards())
+        updates = list(self.learner.updates_for(sel_ctx, rewards))
+        if hasattr(self.learner, "store"):  # learning selectors also learn budget levels
+            updates += level_updates(sel_ctx, level_rewards(impression, actions, self._rewards()))
+        return rewards, updates
 
     def _impression(self, request_id: str) -> dict[str, Any]:
         """The stored impression: Redis, else (Redis down, or not replayed yet) the spool or
@@ -733,7 +792,13 @@ class Orchestrator:
             return dict(hit)
 
     def _record(self, resp: SearchResponse, sel_ctx: SelectionContext,
-                executed: list[str], *, degraded: str | None = None) -> dict[str, Any]:
+                executed: list[str], *, degraded: str | None = None,
+                client_id: str | None = None, swap: int | None = None) -> dict[str, Any]:
+        """Log the impression and, in the same Redis write, the request's search-time bandit
+        observations: reward 0 minus the latency cost for every chosen arm that ran, the
+        failure reward for every chosen arm that failed (see :mod:`orchestrator.rewards`).
+        A client over its influence cap gets its impression logged with ``capped: true`` and
+        no observation (feedback on it is then acknowledged as capped, never applied)."""
         decision = decision_to_dict(resp.decision)
         for c in decision["chosen"]:
             c["action_features"] = [list(x) for x in self._specs[c["template_id"]].action_features] \
@@ -749,38 +814,32 @@ class Orchestrator:
             "parsed": resp.parsed, "context": resp.context.to_dict(), "selection": sel_ctx.to_dict(),
             "decision": decision, "executed": executed,
             "failures": [{"arm": f.arm, "template_id": f.template_id, "status": f.status,
-                          "reason": f.reason} for f in resp.failures],
+                          "reason": f.reason,
+                          "took_ms": self.arm_timeout_ms if f.status == 504 and not degraded else 0.0}
+                         for f in resp.failures],
+            "arm_stats": resp.arm_stats,
             "shown": shown, "rescorer": resp.rescorer, "timings_ms": resp.timings_ms,
+            "swap": swap,
         }
         if degraded:
             impression["degraded"] = degraded
+        rewards, updates = self._observations(impression, sel_ctx)
+        if updates and self.influence is not None and client_id is not None:
+            # One observation (weight 1) per arm per search is what a client can add.
+            weights = {r.template_id: r.weight for r in rewards}
+            if self.influence.reserve(client_id, weights) is None:
+                logger.warning("search observations capped: client over its influence cap",
+                               extra={"capped": True, "client": client_id})
+                impression["capped"] = True
+                updates = []
         event = {**impression, "feature_names": list(self.extractor.names),
                  "shown": [{**s, "features": [round(v, 6) for v in it.features.values()]}
                            for s, it in zip(shown, resp.results)]}
         if self.recent is not None:
             self.recent.put(impression)
-        self._write("impression", {"impression": impression, "event": event, "executed": executed})
+        self._write("impression", {"impression": impression, "event": event, "executed": executed,
+                                   "updates": [update_to_dict(u) for u in updates]})
         return impression
-
-    def _reward_empty(self, resp: SearchResponse, sel_ctx: SelectionContext,
-                      impression: Mapping[str, Any], *, client_id: str | None = None) -> None:
-        """Nothing to show: no interaction can ever reward or blame the arms that ran, so they
-        get their (zero) observation now (see :mod:`orchestrator.rewards`). A client's
-        searches count against its influence cap like its feedback does (otherwise a flood of
-        gibberish queries would push every arm down)."""
-        _, rewards = impression_rewards(impression, item_id=None, action=EMPTY_ACTION,
-                                        reward_model=self.reward_model)
-        if self.influence is not None and client_id is not None:
-            if self.influence.reserve(client_id, {r.template_id: r.weight for r in rewards}) is None:
-                logger.warning("empty-result observation capped: client over its influence cap",
-                               extra={"capped": True, "client": client_id})
-                return
-        event = {"request_id": resp.request_id, "item_id": None, "action": EMPTY_ACTION,
-                 "rewards": {r.template_id: 0.0 for r in rewards}, "rewarded_arms": [],
-                 "query": resp.query, "ts": _now_iso()}
-        self._apply_updates(self.learner.updates_for(sel_ctx, rewards),
-                            (self.log.dedupe_key(resp.request_id), "\x1fempty",
-                             self.log.impression_ttl_s), event)
 
     # -- feedback ------------------------------------------------------------------------------
     def feedback(self, request_id: str, item_id: str, action: str, *, token: str | None = None,
@@ -809,46 +868,45 @@ class Orchestrator:
         set_request_id(request_id)
         if token is not None and self.signer is not None:
             self.signer.verify(token, request_id=request_id, client_id=client_id)
-        self.reward_model.check_action(action)
+        reward_model = self._rewards()
+        reward_model.check_action(action)
         imp = self._impression(request_id)
-        item, rewards = impression_rewards(imp, item_id=item_id, action=action,
-                                           reward_model=self.reward_model)
-        rank = int(item["rank"]) if item is not None else 0  # None only for EMPTY_ACTION
-        sel_ctx = SelectionContext.from_dict(imp["selection"])
-        updates = self.learner.updates_for(sel_ctx, rewards)
-        weight = self.reward_model.weight(rank, action)
-        reward_map = {r.template_id: r.reward for r in rewards}
+        item = shown_item(imp, item_id)
+        rank = int(item["rank"])
+        # re-featurized when served before a featurizer migration (another vector layout)
+        sel_ctx = logged_context(self.featurizer, imp, understander=self.understander)
+        # This action's rewards; the Lua apply raises the request's observation to them where
+        # they beat what is already applied (one observation per search: the best outcome).
+        rewards, updates = self._observations(imp, sel_ctx, [(item_id, action)])
+        reward_map = {r.template_id: round(r.reward, 6) for r in rewards}
+        if imp.get("capped"):
+            # The search's observations were capped (the client was over its influence cap):
+            # its feedback is acknowledged, logged as capped, and never applied or written to
+            # the event log (an offline rebuild could not re-apply it either).
+            try:
+                counted = (item_id, action) in self.log.counted(request_id)
+            except ServiceUnavailableError:
+                counted = False
+            logger.warning("feedback capped: its search was over the client's influence cap",
+                           extra={"capped": True, "client": client_id, "item_id": item_id,
+                                  "action": action})
+            return FeedbackResult(request_id, item_id, action, counted, rank, 1.0, reward_map,
+                                  capped=not counted)
+        held = set(item.get("arms") or ())
         event = {"request_id": request_id, "item_id": item_id, "action": action,
-                 "position": rank, "rank": rank, "weight": weight,
+                 "position": rank, "rank": rank, "weight": 1.0,
+                 "value": round(reward_model.value(action, rank), 6),
                  "rewards": reward_map,
-                 "rewarded_arms": [t for t, v in reward_map.items() if v > 0],
+                 "rewarded_arms": [t for t in reward_map if t in held
+                                   and reward_model.is_positive(action)],
                  "query": imp.get("query"), "intent": imp.get("intent"), "ts": _now_iso()}
-        reservation = None
-        if self.influence is not None and client_id is not None:
-            arm_weights: dict[str, float] = {}
-            for rw in rewards:
-                arm_weights[rw.template_id] = arm_weights.get(rw.template_id, 0.0) + rw.weight
-            reservation = self.influence.reserve(client_id, arm_weights)
-            if reservation is None:
-                try:
-                    counted = (item_id, action) in self.log.counted(request_id)
-                except ServiceUnavailableError:
-                    counted = False
-                logger.warning("feedback capped: client over its influence cap",
-                               extra={"capped": True, "client": client_id, "item_id": item_id,
-                                      "action": action, "arms": sorted(arm_weights)})
-                return FeedbackResult(request_id, item_id, action, counted, rank, weight,
-                                      reward_map, capped=not counted)
         applied = self._apply_updates(
             updates,
             (self.log.dedupe_key(request_id), self.log.dedupe_member(item_id, action),
              self.log.impression_ttl_s),
-            event,
+            event, request_id,
         )
-        if not applied and reservation is not None:
-            self.influence.release(reservation)  # type: ignore[union-attr]
-        return FeedbackResult(request_id, item_id, action, not applied, rank,
-                              weight, reward_map)
+        return FeedbackResult(request_id, item_id, action, not applied, rank, 1.0, reward_map)
 
     # -- introspection -------------------------------------------------------------------------
     def explain(self, request_id: str) -> dict[str, Any]:
@@ -926,4 +984,4 @@ class Orchestrator:
 
 
 __all__ = ["EMPTY_ACTION", "Orchestrator", "decision_to_dict", "executed_arms",
-           "impression_rewards", "parsed_summary", "response_to_dict"]
+           "parsed_summary", "response_to_dict"]

@@ -12,8 +12,8 @@ Three mechanisms, each usable on its own, wired together by
     hang.
 
 :class:`Spool` and :class:`DurableRedisWriter`
-    Every Redis *write* of the serving path (impressions, feedback, the zero reward of an
-    empty response) goes through the writer. When Redis is unreachable (or earlier writes are
+    Every Redis *write* of the serving path (impressions with their search-time bandit
+    observations, feedback) goes through the writer. When Redis is unreachable (or earlier writes are
     still spooled, to keep their order) the write is appended to a local JSON-lines file and
     ``fsync`` ed before the call returns, so an acknowledged write survives a crash of this
     process. A background thread (started on the first spooled write) and every later write
@@ -30,8 +30,14 @@ Three mechanisms, each usable on its own, wired together by
 
 Spool record (one JSON object per line)::
 
-    {"kind": "impression", "payload": {"impression": {...}, "event": {...}, "executed": [...]}}
-    {"kind": "apply", "payload": {"updates": [...], "dedupe": [key, member, ttl], "event": {...}}}
+    {"kind": "impression", "payload": {"impression": {...}, "event": {...}, "executed": [...],
+                                       "updates": [...]}}
+    {"kind": "apply", "payload": {"updates": [...], "dedupe": [key, member, ttl], "event": {...},
+                                  "outcome": [key, ttl]}}
+
+(``updates`` of an impression are its search-time bandit observations; ``outcome`` is the
+request's ``P out:<request_id>`` hash of the one-observation max rule, which makes a replayed
+observation or feedback a no-op, see :mod:`orchestrator.rewards`.)
 
 Spool file names are ``spool-<key>-<pid>-<random>.jsonl`` where ``<key>`` hashes the Redis URL
 and key prefix; the owning process holds an exclusive ``flock`` on its file.
@@ -430,13 +436,16 @@ def redis_appliers(store: RedisBanditStore,
     its duplicate marker; returns False for a duplicate)."""
 
     def impression(p: Mapping[str, Any]) -> bool:
-        return log.replay_impression(p["impression"], event=p["event"], executed=p["executed"])
+        return log.replay_impression(p["impression"], event=p["event"], executed=p["executed"],
+                                     updates=[update_from_dict(u) for u in p.get("updates", ())])
 
     def apply(p: Mapping[str, Any]) -> bool:
         dedupe = p.get("dedupe")
+        outcome = p.get("outcome")
         return store.apply([update_from_dict(u) for u in p["updates"]],
                            dedupe=(dedupe[0], dedupe[1], int(dedupe[2])) if dedupe else None,
-                           event=p.get("event"))
+                           event=p.get("event"),
+                           outcome=(outcome[0], int(outcome[1])) if outcome else None)
 
     return {"impression": impression, "apply": apply}
 
@@ -525,10 +534,10 @@ def replay_spools(settings: Any, *, spool_dir: Path | None = None) -> dict[str, 
     client = build_redis(settings.redis)
     from .selection import ContextFeaturizer
 
-    dim = ContextFeaturizer(hash_dim=settings.bandit.hash_dim,
-                            bucket_keys=settings.bandit.bucket_keys).dim
-    store = RedisBanditStore(client, prefix=settings.redis.key_prefix, dim=dim,
-                             url=settings.redis.url)
+    featurizer = ContextFeaturizer(hash_dim=settings.bandit.hash_dim,
+                                   bucket_keys=settings.bandit.bucket_keys)
+    store = RedisBanditStore(client, prefix=settings.redis.key_prefix, dim=featurizer.dim,
+                             url=settings.redis.url, featurizer_version=featurizer.version)
     store.check_schema()
     log = FeedbackLog(client, store=store, impression_ttl_s=settings.feedback.impression_ttl_s,
                       stream_maxlen=settings.feedback.stream_maxlen)

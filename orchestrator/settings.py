@@ -81,10 +81,20 @@ class BanditSettings(BaseModel):
     total_budget: int = Field(60, ge=1, le=1000)
     min_arms: int = Field(1, ge=1)
     max_arms: int = Field(3, ge=1)
-    threshold: float = 0.3
+    #: Subset rule: an arm beyond the top ``min_arms`` runs when its sampled expected net
+    #: marginal reward per search is at least this (see ``orchestrator.selection``).
+    threshold: float = 0.2
     min_budget: int = Field(10, ge=1)
     n_resamples: int = Field(200, ge=1)
-    hash_dim: int = Field(16, ge=1)
+    #: learned: each arm picks a candidate level by Thompson sampling (orchestrator.budgets);
+    #: proportional: total split by the sampled arm values; equal: split equally (ablation).
+    budget_mode: Literal["learned", "proportional", "equal"] = "learned"
+    budget_levels: tuple[int, ...] = (10, 20, 40)
+    #: Level rule ``argmax_l p_l - budget_cost_per_candidate * l``.
+    budget_cost_per_candidate: float = Field(0.002, ge=0)
+    #: Hashed context slots for the open vocabularies (``orchestrator.featurizer``); a change
+    #: changes the state's dimension: run ``ltrr migrate-posteriors``.
+    hash_dim: int = Field(64, ge=1)
     exploration: float = Field(0.5, gt=0)
     ridge: float = Field(1.0, gt=0)
     prior_mean: float = 0.5
@@ -98,8 +108,27 @@ class BanditSettings(BaseModel):
 class FeedbackSettings(BaseModel):
     impression_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     stream_maxlen: int = Field(200_000, ge=1000)
-    position_bias: Literal["log2", "none"] = "log2"
+    #: Position-bias correction of the reward *value* (never the weight): ``log2`` /
+    #: ``examination`` divide by the examination model's theta_k (prior 1 / log2(k + 1));
+    #: ``none``: no correction.
+    position_bias: Literal["log2", "examination", "none"] = "log2"
+    #: Unused since rewards carry position correction in their value (see ``reward.max_reward``);
+    #: kept so existing configuration files still load.
     max_weight: float = Field(3.0, ge=1.0)
+
+
+class RewardSettings(BaseModel):
+    """The bandit's learning signal (see :mod:`orchestrator.rewards`)."""
+
+    #: Reward charged per millisecond of an arm's Elasticsearch ``took`` (its time-out when it
+    #: timed out): latency is part of the objective.
+    latency_cost_per_ms: float = Field(0.0002, ge=0)
+    #: Reward of a chosen arm that failed or timed out (before its latency cost).
+    failure_reward: float = 0.0
+    #: Cap of the position-corrected value ``action_value / theta_k``.
+    max_reward: float = Field(3.0, ge=1.0)
+    #: shapley: an item held by m executed arms gives each 1/m; full: each gets 1 (ablation).
+    credit: Literal["shapley", "full"] = "shapley"
 
 
 class RescorerSettings(BaseModel):
@@ -111,6 +140,25 @@ class RescorerSettings(BaseModel):
     min_examples: int = Field(20, ge=1)
     min_holdout: int = Field(5, ge=1)
     min_improvement: float = Field(0.0, ge=0)
+    #: Cap of the inverse-propensity weight ``1 / theta_k`` of a click in training and in the
+    #: held-out metric (1: no position-bias correction). See :mod:`orchestrator.rescoring`.
+    ips_cap: float = Field(10.0, ge=1.0)
+
+
+class ExaminationSettings(BaseModel):
+    """The examination (position-bias) model, estimated from randomised swaps
+    (see :mod:`orchestrator.examination`)."""
+
+    #: Probability that a search swaps its top result with a uniformly random position in
+    #: 2..max_position (0: no intervention, the estimate stays the prior).
+    swap_rate: float = Field(0.05, ge=0, le=1)
+    #: Deepest position a swap reaches, and the number of estimated positions.
+    max_position: int = Field(20, ge=2, le=200)
+    #: Pseudo-impressions of the prior (1 / log2(k + 1)) per position: sparse positions stay
+    #: near it.
+    prior_strength: float = Field(50.0, ge=0)
+    #: How often (at most) a running process re-reads the stored model from Redis.
+    refresh_interval_s: float = Field(60.0, ge=0)
 
 
 class QuSettings(BaseModel):
@@ -124,8 +172,24 @@ class QuSettings(BaseModel):
 class MemorySettings(BaseModel):
     """Learning the Q2E memory from user actions (see :mod:`orchestrator.memory`)."""
 
+    #: Alias of the memory index (one document per (query_key, item) pair); None:
+    #: ``<es.catalog_alias>-memory``, so a test slice or a simulation catalog has its own.
+    alias: str | None = None
+    #: Time decay of the repair rebuild (task ``train_memory``); the incremental updater adds.
     half_life_days: float = Field(30.0, gt=0)
+    #: ``s`` in score = (clicks + s * prior) / (examinations + s).
     prior_strength: float = Field(2.0, gt=0)
+    #: Prior of pairs never predicted (first created by a click).
+    default_prior: float = Field(0.0, ge=0, le=1)
+    #: Pairs scoring below this do not match (``active: false``); the rebuild deletes learned
+    #: ones. A change applies to pairs as they are next written (run ``ltrr memory repair``).
+    min_score: float = Field(0.05, ge=0)
+    #: Examinations a skip adds (the user certainly looked at the item).
+    skip_weight: float = Field(1.0, ge=0)
+    #: Exposures of pairs not in the index wait in a Redis hash per query key, this long
+    #: (refreshed on write) and at most this many items per key, for the pair's first click.
+    exposure_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    max_pending_items: int = Field(500, ge=1)
 
 
 class SecuritySettings(BaseModel):
@@ -200,6 +264,8 @@ class CelerySettings(BaseModel):
     #: Beat schedule, seconds between runs of each job.
     move_events_every_s: float = Field(60.0, gt=0)
     retrain_every_s: float = Field(3600.0, gt=0)
+    #: The memory updater (task ``update_memory``): new events retrievable within seconds.
+    update_memory_every_s: float = Field(2.0, gt=0)
     #: Pending stream entries idle this long are taken over from a worker presumed dead.
     claim_idle_ms: int = Field(60_000, ge=0)
     event_batch_size: int = Field(1000, ge=1)
@@ -221,7 +287,9 @@ class OrchestratorSettings(BaseSettings):
     celery: CelerySettings = CelerySettings()
     bandit: BanditSettings = BanditSettings()
     feedback: FeedbackSettings = FeedbackSettings()
+    reward: RewardSettings = RewardSettings()
     rescorer: RescorerSettings = RescorerSettings()
+    examination: ExaminationSettings = ExaminationSettings()
     memory: MemorySettings = MemorySettings()
     qu: QuSettings = QuSettings()
     security: SecuritySettings = SecuritySettings()

@@ -12,14 +12,19 @@ The pure functions (:func:`rebuild_posteriors`, :func:`ranking_groups`, :func:`t
 
 Bandit posteriors
 -----------------
-:func:`rebuild_posteriors` replays every feedback event against its impression with the live
-path's own code: the impression's logged :class:`SelectionContext` (the featurizer's output at
-serving time, read back with ``SelectionContext.from_dict`` exactly as ``Orchestrator.feedback``
-does), :func:`orchestrator.pipeline.impression_rewards` (the reward rules) and the learner's
+:func:`rebuild_posteriors` replays every logged impression as one observation per chosen arm
+(that ran or failed), valued by the request's best outcome over its feedback events, with the
+live path's own code: the impression's logged :class:`SelectionContext` (the featurizer's
+output at serving time, read back with ``SelectionContext.from_dict`` exactly as
+``Orchestrator.feedback`` does), :func:`orchestrator.rewards.outcome_rewards` and
+:func:`~orchestrator.rewards.level_rewards` (the reward rules) and the learner's
 ``updates_for``, accumulated by :class:`InMemoryBanditStore`. The only difference is the weight:
-each observation is multiplied by ``0.5 ** (age / half_life)`` (age of the feedback at ``now``),
-so old behaviour fades (non-stationarity). Without decay the result equals what the live path
-accumulated from the same events.
+each observation is multiplied by ``0.5 ** (age / half_life)`` (age of the impression at
+``now``), so old behaviour fades (non-stationarity). Without decay the result equals what the
+live path accumulated from the same events (search-time observation raised by each feedback:
+the max is the same). Caveat: after a decayed rebuild, later feedback on an impression from
+before the cut-off raises its observation with weight 1 (the live delta), not the decayed
+weight; the next rebuild corrects it.
 
 Swap without losing feedback (:func:`rebuild_and_swap`). Every live update is one Lua script
 that increments the statistics *and* appends its event to the stream, so the stream id orders
@@ -46,21 +51,34 @@ which is the point of a rebuild.
 Ranker
 ------
 :func:`retrain_ranker` groups logged impressions with their feedback (one group per request,
-rows built by :func:`orchestrator.rescoring.dataset_from_events`), orders them by impression
-time and holds out the newest ``holdout_fraction``. A candidate is trained on the rest and both
-it and the current model rank every held-out group; the metric is NDCG@k of the clicked items
-over the groups with at least one positive and one negative item. The candidate is promoted
-(new ``rescorer.v<N>.json`` with metrics, parent version and data hash in its metadata, then an
-atomic ``current`` pointer update) only when it beats the current model by ``min_improvement``
-on at least ``min_holdout`` groups. A data hash already recorded by a promoted version is not
-promoted again. Caveat: held-out impressions were ranked by the current model, so the logged
-clicks carry its position bias; the comparison favours the current model, which errs on the
-side of not promoting.
+rows and display positions by :func:`orchestrator.rescoring.dataset_with_positions`), orders
+them by impression time and holds out the newest ``holdout_fraction``. A candidate is trained
+on the rest with the IPS-weighted pointwise logistic loss (each click weighs
+``min(1 / theta_k, ips_cap)`` of its display position ``k``, ``theta`` the examination model
+estimated from swap interventions, :mod:`orchestrator.examination`; see
+:mod:`orchestrator.rescoring`), and both it and the current model rank every held-out group.
+
+The metric is debiased too: the IPS-weighted nDCG@k (:func:`evaluate`), over the groups with
+at least one positive and one negative item. A click at logged position ``k`` gains
+``w = min(1 / theta_k, ips_cap)``; under the position-based model ``E[click / theta_k]`` is
+the item's relevance, so ``sum_g DCG@k_g(w)`` estimates the summed DCG@k of the *relevant*
+items, not of the items the current model happened to put where users look (Joachims et al.
+2017; Agarwal et al. 2019, "Estimating position bias without intrusive interventions"). It is
+reported as ``sum_g DCG@k_g / sum_g IDCG@k_g``, whose denominator does not depend on the model.
+Without it (the plain nDCG of the clicks), the held-out clicks carry the current model's
+position bias and favour it, and any candidate that copies its ordering. Bias left: weights
+are capped (a position examined less than ``1 / ips_cap`` as often as the top counts as if it
+were examined at that rate), and unexamined positions of the log are never evaluated.
+
+The candidate is promoted (new ``rescorer.v<N>.json`` with metrics, parent version and data
+hash in its metadata, then an atomic ``current`` pointer update) only when it beats the current
+model by ``min_improvement`` on at least ``min_holdout`` groups. A data hash (of the data, the
+configuration and the examination model) already recorded by a promoted version is not
+promoted again.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import fcntl
 import hashlib
@@ -86,18 +104,20 @@ from .bandit_state import (
     RedisBanditStore,
     export_state,
 )
+from .budgets import level_updates
 from .errors import InvalidFeedbackError, NotFittedError, OrchestratorError, StateVersionError
+from .examination import ExaminationModel
 from .feedback import FeedbackLog
-from .pipeline import EMPTY_ACTION, impression_rewards
 from .rescoring import (
     LinearRescorer,
     current_version,
-    dataset_from_events,
+    dataset_with_positions,
+    ips_weights,
     load_version,
     train_rescorer,
     write_pointer,
 )
-from .rewards import RewardModel
+from .rewards import EMPTY_ACTION, RewardModel, level_rewards, outcome_rewards, shown_item
 from .selection import (
     RESERVED_FEATURES,
     BetaThompsonSelector,
@@ -228,6 +248,16 @@ def rebuild_posteriors(events: Iterable[Mapping[str, Any]], *, now: float | _dt.
                        upto: str | None = None) -> dict[str, Any]:
     """Replay the log into bandit sufficient statistics, with exponential time decay.
 
+    One observation per logged impression per chosen arm that ran or failed, valued by the
+    request's best outcome over its feedback events (:func:`orchestrator.rewards.outcome_rewards`
+    with all of them; budget levels by :func:`~orchestrator.rewards.level_rewards`), weighted by
+    ``0.5 ** (age of the impression / half_life)``: exactly what the live path accumulates
+    (search-time observation raised by each feedback, see :mod:`orchestrator.rewards`), up to
+    the decay. Impressions logged ``capped`` (the client was over its influence cap) or
+    ``degraded`` observe nothing, as live. ``empty`` events of older versions are ignored (the
+    impression itself is the observation now). Feedback whose item the impression did not
+    show, or with an unknown action, is skipped (live refuses it).
+
     Pure: the same events and arguments give the same state, whatever their input order
     (events are replayed in stream-id order).
 
@@ -245,7 +275,7 @@ def rebuild_posteriors(events: Iterable[Mapping[str, Any]], *, now: float | _dt.
     policy:
         ``bandit.policy``; decides which statistics the live path keeps (:func:`learner_for`).
     reward_model:
-        The live reward rules (``settings.feedback``: position bias, weight cap).
+        The live reward rules (``settings.feedback`` / ``settings.reward``).
     upto:
         Only events with stream ids <= ``upto`` (the swap's cut-off).
 
@@ -253,8 +283,9 @@ def rebuild_posteriors(events: Iterable[Mapping[str, Any]], *, now: float | _dt.
     -------
     dict
         :func:`orchestrator.bandit_state.export_state` format (``schema_version``, ``dim``,
-        ``linear``, ``beta``) plus ``meta``: counts, cut-off, parameters and ``fingerprint``
-        (hash of the replayed feedback and the parameters).
+        ``linear``, ``beta``) plus ``meta``: counts (``observed`` impressions, ``applied``
+        feedback events, ``empty`` observed impressions that showed nothing ...), cut-off,
+        parameters and ``fingerprint`` (hash of the replayed log and the parameters).
     """
     t_now = _epoch(now)
     reward_model = reward_model or RewardModel()
@@ -277,8 +308,12 @@ def rebuild_posteriors(events: Iterable[Mapping[str, Any]], *, now: float | _dt.
     template_ids: set[str] = set()
     digest = hashlib.sha256()
     seen: set[tuple[str, str, str]] = set()
+    actions: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for fb in feedback:
         rid, item, action = str(fb["request_id"]), fb.get("item_id"), str(fb.get("action") or "")
+        if action == EMPTY_ACTION:
+            counts["legacy_empty"] += 1  # an older version's zero observation: now the impression's
+            continue
         # The live path counts a (request, item, action) once (FeedbackLog's duplicate set).
         marker = (rid, str(item or ""), action)
         if marker in seen:
@@ -290,35 +325,51 @@ def rebuild_posteriors(events: Iterable[Mapping[str, Any]], *, now: float | _dt.
             counts["skipped_no_impression"] += 1
             continue
         try:
-            _, rewards = impression_rewards(imp, item_id=item, action=action,
-                                            reward_model=reward_model)
-            ctx = SelectionContext.from_dict(imp["selection"])
-        except (InvalidFeedbackError, KeyError, TypeError, ValueError):
+            reward_model.check_action(action)
+            shown_item(imp, item)
+        except (InvalidFeedbackError, KeyError, TypeError):
             counts["skipped_invalid"] += 1
+            continue
+        actions[rid].append((str(item), action))
+        counts["applied"] += 1
+        digest.update(json.dumps([fb.get("event_id"), rid, item, action, event_time(fb)]).encode())
+    for rid, imp in sorted(impressions.items(), key=lambda kv: _order(kv[1])):
+        if imp.get("capped") or imp.get("degraded"):
+            counts["not_observed"] += 1
+            continue
+        try:
+            ctx = SelectionContext.from_dict(imp["selection"])
+            w = decay_weight(t_now - event_time(imp), half_life_days=half_life_days)
+            acts = actions.get(rid, [])
+            rewards = outcome_rewards(imp, acts, reward_model, weight=w)
+            updates = [*learner.updates_for(ctx, rewards),
+                       *level_updates(ctx, level_rewards(imp, acts, reward_model, weight=w))]
+        except (InvalidFeedbackError, KeyError, TypeError, ValueError):
+            counts["skipped_invalid_impression"] += 1
+            continue
+        if not updates:
             continue
         if ctx.indices and max(ctx.indices) >= dim:
             counts["skipped_dim"] += 1  # logged under another hash_dim
             continue
-        w = decay_weight(t_now - event_time(fb), half_life_days=half_life_days)
-        updates = [dataclasses.replace(u, weight=u.weight * w)
-                   for u in learner.updates_for(ctx, rewards)]
         for u in updates:
             if isinstance(u, LinearUpdate):
                 components.add(u.component)
             elif isinstance(u, BetaUpdate):
                 template_ids.add(u.template_id)
         store.apply(updates)
-        counts["applied"] += 1
-        counts["empty" if action == EMPTY_ACTION else "feedback"] += 1
-        digest.update(json.dumps([fb.get("event_id"), rid, item, action, event_time(fb)]).encode())
-    digest.update(json.dumps([t_now, half_life_days, dim, policy, reward_model.position_bias,
-                              reward_model.max_weight,
-                              sorted(reward_model.action_values.items())]).encode())
+        counts["observed"] += 1
+        if not imp.get("shown"):
+            counts["empty"] += 1
+        digest.update(json.dumps([imp.get("event_id"), rid, event_time(imp)]).encode())
+    digest.update(json.dumps([t_now, half_life_days, dim, policy,
+                              reward_model.params()]).encode())
     state = export_state(store, components=sorted(components), template_ids=sorted(template_ids))
     state["meta"] = {
         "impressions": len(impressions), "feedback_events": len(feedback),
+        "observed": counts["observed"], "not_observed": counts["not_observed"],
         "applied": counts["applied"], "empty": counts["empty"],
-        "duplicates": counts["duplicates"],
+        "legacy_empty": counts["legacy_empty"], "duplicates": counts["duplicates"],
         "skipped_no_impression": counts["skipped_no_impression"],
         "skipped_invalid": counts["skipped_invalid"], "skipped_dim": counts["skipped_dim"],
         "upto": upto, "now": t_now, "half_life_days": half_life_days, "policy": policy,
@@ -487,8 +538,9 @@ def swap_posteriors(redis: redis_lib.Redis, prefix: str, state: Mapping[str, Any
 def rebuild_and_swap(es: Elasticsearch, redis: redis_lib.Redis, *, events_alias: str, prefix: str,
                      half_life_days: float | None = 14.0, now: float | _dt.datetime | None = None,
                      policy: Policy = "linear", hash_dim: int = 16,
-                     position_bias: Literal["log2", "none"] = "log2", max_weight: float = 3.0,
-                     max_attempts: int = 5) -> dict[str, Any]:
+                     position_bias: Literal["log2", "examination", "none"] = "log2",
+                     max_weight: float = 3.0, max_attempts: int = 5,
+                     reward_model: RewardModel | None = None) -> dict[str, Any]:
     """Rebuild the posteriors of ``prefix`` from the log and swap them in (see the module
     docstring for why no feedback is lost). Idempotent; safe to run concurrently (a loser of
     the ``gen`` check starts again).
@@ -506,8 +558,14 @@ def rebuild_and_swap(es: Elasticsearch, redis: redis_lib.Redis, *, events_alias:
     now:
         Decay reference; default: the time of the cut-off (so the result depends on the log
         only).
-    policy, hash_dim, position_bias, max_weight:
+    policy, hash_dim, position_bias:
         ``settings.bandit`` / ``settings.feedback`` values of the serving orchestrators.
+    max_weight:
+        Ignored (rewards carry their position correction in the value, capped by
+        ``reward.max_reward``); kept for callers of the former signature.
+    reward_model:
+        The serving orchestrators' reward rules (:meth:`RewardModel.from_settings`); default:
+        :class:`RewardModel` with ``position_bias``.
 
     Returns
     -------
@@ -524,7 +582,7 @@ def rebuild_and_swap(es: Elasticsearch, redis: redis_lib.Redis, *, events_alias:
     dim = 1 + len(RESERVED_FEATURES) + hash_dim
     store = RedisBanditStore(redis, prefix=prefix, dim=dim)
     log = FeedbackLog(redis, store=store)
-    reward_model = RewardModel(position_bias=position_bias, max_weight=max_weight)
+    reward_model = reward_model or RewardModel(position_bias=position_bias)
     keys = _stat_keys(store)
     for attempt in range(1, max_attempts + 1):
         base = snapshot_posteriors(store, keys=keys)
@@ -566,6 +624,13 @@ class RankingGroup:
     ts: float
     X: np.ndarray
     y: np.ndarray
+    #: Display position of each row (1-based, swaps included); None: ``1..len(y)``.
+    positions: np.ndarray | None = None
+
+    @property
+    def display_positions(self) -> np.ndarray:
+        return (np.arange(1, len(self.y) + 1) if self.positions is None
+                else np.asarray(self.positions, dtype=int))
 
     @property
     def informative(self) -> bool:
@@ -607,10 +672,10 @@ def ranking_groups(events: Iterable[Mapping[str, Any]], *, now: float | _dt.date
                                                  and t_now - ts > max_age_days * 86400.0)):
             counts["skipped_window"] += 1
             continue
-        X, y, names = dataset_from_events([imp, *fbs])
+        X, y, names, positions = dataset_with_positions([imp, *fbs])
         if not len(y):
             continue
-        by_layout[names].append(RankingGroup(rid, ts, X, y))
+        by_layout[names].append(RankingGroup(rid, ts, X, y, positions))
     if not by_layout:
         return [], (), dict(counts)
     names = max(by_layout, key=lambda n: (len(by_layout[n]), n))
@@ -634,26 +699,41 @@ def time_split(groups: Sequence[RankingGroup], *, holdout_fraction: float,
 
 def ndcg_at_k(scores: Sequence[float] | np.ndarray, labels: Sequence[float] | np.ndarray, *,
               k: int = 10) -> float:
-    """NDCG@k of ranking by ``scores`` (ties keep the given order, i.e. the display order).
+    """NDCG@k of ranking by ``scores`` (ties keep the given order, i.e. the display order):
+    :func:`orchestrator.metrics.ndcg_of_scores`, the project's one nDCG (linear gain).
 
     >>> ndcg_at_k([0.9, 0.1], [1, 0]), ndcg_at_k([0.1, 0.9], [1, 0]) < 1
     (1.0, True)
     """
-    s = np.asarray(scores, dtype=float)
-    y = np.asarray(labels, dtype=float)
-    order = np.argsort(-s, kind="stable")[:k]
-    disc = 1.0 / np.log2(np.arange(2, len(order) + 2))
-    dcg = float((y[order] * disc).sum())
-    ideal = np.sort(y)[::-1][:k]
-    idcg = float((ideal * disc[: len(ideal)]).sum())
-    return dcg / idcg if idcg > 0 else 0.0
+    from .metrics import ndcg_of_scores
+
+    return ndcg_of_scores(scores, labels, k=k)
 
 
 def evaluate(model: LinearRescorer, groups: Sequence[RankingGroup], names: Sequence[str], *,
-             k: int = 10) -> float:
-    """Mean NDCG@k of ``model`` over the informative groups (NaN when there is none)."""
-    vals = [ndcg_at_k(model.score(g.X, names), g.y, k=k) for g in groups if g.informative]
-    return float(np.mean(vals)) if vals else float("nan")
+             k: int = 10, examination: ExaminationModel | None = None,
+             ips_cap: float = 1.0) -> float:
+    """Held-out metric of ``model`` over the informative groups (NaN when there is none).
+
+    Without ``examination``: the mean NDCG@k of the clicked items. With it: the IPS-weighted
+    nDCG@k (module docstring): each click's gain is ``min(1 / theta_k, ips_cap)`` of the
+    display position ``k`` it was logged at, and the metric is
+    ``sum_g DCG@k_g / sum_g IDCG@k_g`` over the groups, a ratio whose numerator is the IPS
+    estimate of the summed DCG@k of the relevant items (Joachims et al. 2017; Agarwal et al.
+    2019) and whose denominator does not depend on the model."""
+    if examination is None:
+        vals = [ndcg_at_k(model.score(g.X, names), g.y, k=k) for g in groups if g.informative]
+        return float(np.mean(vals)) if vals else float("nan")
+    num = den = 0.0
+    for g in groups:
+        if not g.informative:
+            continue
+        gains = g.y * ips_weights(g.y, g.display_positions, examination, cap=ips_cap)
+        ideal = np.sort(gains)[::-1][:k]
+        idcg = float((ideal / np.log2(np.arange(2, len(ideal) + 2))).sum())
+        num += ndcg_at_k(model.score(g.X, names), gains, k=k) * idcg
+        den += idcg
+    return num / den if den > 0 else float("nan")
 
 
 def should_promote(current: float, candidate: float, *, n_holdout: int, min_holdout: int,
@@ -693,7 +773,9 @@ def retrain_ranker(events: Iterable[Mapping[str, Any]], *, model_dir: Path | str
                    now: float | _dt.datetime, holdout_fraction: float = 0.2,
                    min_examples: int = 20, min_holdout: int = 5, k: int = 10,
                    min_improvement: float = 0.0, max_age_days: float | None = None,
-                   C: float = 1.0, random_state: int = 0) -> dict[str, Any]:
+                   C: float = 1.0, random_state: int = 0,
+                   examination: ExaminationModel | None = None,
+                   ips_cap: float = 10.0) -> dict[str, Any]:
     """Train a candidate rescorer on the older events, judge it against the current model on
     the newest ``holdout_fraction`` and promote it only when it wins (module docstring).
 
@@ -713,6 +795,11 @@ def retrain_ranker(events: Iterable[Mapping[str, Any]], *, model_dir: Path | str
         Promotion rule (:func:`should_promote`) on NDCG@k.
     C, random_state:
         Logistic regression (:func:`orchestrator.rescoring.train_rescorer`).
+    examination, ips_cap:
+        Position-bias correction of the training weights and the held-out metric
+        (:func:`orchestrator.rescoring.ips_weights`, :func:`evaluate`): each click weighs
+        ``min(1 / theta_k, ips_cap)``; ``examination`` defaults to the prior
+        ``1 / log2(k + 1)``; ``ips_cap=1`` turns the correction off.
 
     Returns
     -------
@@ -725,12 +812,15 @@ def retrain_ranker(events: Iterable[Mapping[str, Any]], *, model_dir: Path | str
     groups, names, counts = ranking_groups(events, now=t_now, max_age_days=max_age_days)
     train, test = time_split(groups, holdout_fraction=holdout_fraction) if groups else ([], [])
     parent = current_version(model_dir)
+    examination = examination or ExaminationModel.default()
     config = {"holdout_fraction": holdout_fraction, "k": k, "C": C, "random_state": random_state,
-              "max_age_days": max_age_days}
+              "max_age_days": max_age_days, "ips_cap": ips_cap,
+              "examination": [round(t, 6) for t in examination.theta[:50]]}
     h = data_hash(groups, names, config)
     n_pos = int(sum(g.y.sum() for g in train))
     out: dict[str, Any] = {
-        "promoted": False, "current_version": parent, "version": parent, "metric": f"ndcg@{k}",
+        "promoted": False, "current_version": parent, "version": parent,
+        "metric": f"ips_ndcg@{k}",
         "metrics": {"current": None, "candidate": None}, "groups": len(groups),
         "train_groups": len(train), "holdout_groups": len(test),
         "holdout_informative": sum(g.informative for g in test), "train_positives": n_pos,
@@ -742,11 +832,15 @@ def retrain_ranker(events: Iterable[Mapping[str, Any]], *, model_dir: Path | str
     current = load_version(model_dir, parent)
     X = np.vstack([g.X for g in train])
     y = np.concatenate([g.y for g in train])
+    w = np.concatenate([ips_weights(g.y, g.display_positions, examination, cap=ips_cap)
+                        for g in train])
     try:
-        candidate = train_rescorer(X, y, feature_names=names, C=C, random_state=random_state)
+        candidate = train_rescorer(X, y, feature_names=names, C=C, random_state=random_state,
+                                   sample_weight=w)
     except NotFittedError as exc:
         return {**out, "reason": f"cannot train: {exc}"}
-    m_cur, m_cand = evaluate(current, test, names, k=k), evaluate(candidate, test, names, k=k)
+    ev = {"k": k, "examination": examination, "ips_cap": ips_cap}
+    m_cur, m_cand = evaluate(current, test, names, **ev), evaluate(candidate, test, names, **ev)
     out["metrics"] = {"current": _num(m_cur), "candidate": _num(m_cand)}
     n_informative = out["holdout_informative"]
     if not should_promote(m_cur, m_cand, n_holdout=n_informative, min_holdout=min_holdout,
@@ -777,7 +871,10 @@ def retrain_ranker(events: Iterable[Mapping[str, Any]], *, model_dir: Path | str
                     "path": str(model_dir / f"rescorer.v{orphan}.json"),
                     "reason": f"completed the interrupted promotion of v{orphan}"}
         candidate.metadata.update({
-            "parent_version": parent, "data_hash": h, "metric": f"ndcg@{k}",
+            "parent_version": parent, "data_hash": h, "metric": f"ips_ndcg@{k}",
+            "ips": {"cap": ips_cap, "examination_version": examination.meta.get("version"),
+                    "examination_kind": examination.meta.get("kind"),
+                    "mean_positive_weight": round(float(w[y > 0].mean()), 4)},
             "metrics": out["metrics"], "config": config, "feature_layout": list(names),
             "train": {"groups": len(train), "rows": len(y), "positives": n_pos,
                       "from": _iso(train[0].ts), "to": _iso(train[-1].ts)},
@@ -789,7 +886,7 @@ def retrain_ranker(events: Iterable[Mapping[str, Any]], *, model_dir: Path | str
         version = int(candidate.metadata["version"])
         write_pointer(model_dir, version, path=path.name, parent_version=parent, data_hash=h,
                       metrics=out["metrics"], promoted_at=_iso(time.time()))
-    logger.info("rescorer v%s promoted over v%s: ndcg@%d %.4f -> %.4f", version, parent, k,
+    logger.info("rescorer v%s promoted over v%s: ips_ndcg@%d %.4f -> %.4f", version, parent, k,
                 m_cur, m_cand)
     return {**out, "promoted": True, "version": version, "path": str(path),
             "reason": "candidate beats the current model on the held-out slice"}
@@ -817,3 +914,229 @@ __all__ = [
     "should_promote", "snapshot_posteriors", "state_fields", "stream_id_key", "swap_posteriors",
     "time_split",
 ]
+
+
+# -- migration: re-featurize the log when the featurizer or the QU model changes -------------------
+# KEYS: 1 meta hash, 2.. stat hashes. ARGV: 1 expected gen, 2 JSON list (one per stat key, in
+# order) of {field: "value"} (mode 'replace': the key's new content, {} drops it) or
+# {field: "delta"} (mode 'delta', as _SWAP_LUA), 3 cut-off stream id, 4 JSON summary, 5 dim,
+# 6 featurizer version, 7 QU version ('' = none), 8 mode. The statistics and the versions
+# that describe them change in one step: a reader never sees one without the other.
+_MIGRATE_LUA = """
+local gen = redis.call('HGET', KEYS[1], 'gen') or '0'
+if gen ~= ARGV[1] then return {0, gen} end
+local data = cjson.decode(ARGV[2])
+for n, fields in ipairs(data) do
+  local key = KEYS[1 + n]
+  if ARGV[8] == 'replace' then
+    redis.call('DEL', key)
+    for f, v in pairs(fields) do redis.call('HSET', key, f, v) end
+  else
+    for f, d in pairs(fields) do redis.call('HINCRBYFLOAT', key, f, d) end
+  end
+end
+local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
+local g = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('HSETNX', KEYS[1], 'schema_version', ARGV[9])
+redis.call('HSET', KEYS[1], 'rebuilt_upto', ARGV[3], 'rebuild', ARGV[4], 'migrated', ARGV[4],
+           'dim', ARGV[5], 'featurizer_version', ARGV[6], 'qu_version', ARGV[7])
+return {1, g, v}
+"""
+
+
+def refeaturize_events(events: Iterable[Mapping[str, Any]], *, featurizer: Any,
+                       understander: Any = None, qu_version: str | None = None,
+                       keep_current: bool = True, batch_size: int = 256,
+                       ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The events with every impression's ``selection`` rebuilt by ``featurizer``.
+
+    Pure apart from parsing. An impression's context is recomputed from what it logged: the
+    query (re-parsed with ``understander``, the current QU model: the log keeps a summary of
+    the parse, not the intent probabilities and QU features the featurizer reads), the request
+    context (``context``) and the memory hit count its old ``selection`` recorded. Feedback
+    events are passed through unchanged.
+
+    Parameters
+    ----------
+    events:
+        Stream-shaped events (:func:`load_events`).
+    featurizer:
+        The current :class:`~orchestrator.featurizer.ContextFeaturizer`.
+    understander:
+        Anything with ``parse_many`` (a :class:`~orchestrator.understanding.QueryUnderstander`),
+        or a zero-argument callable returning one (only called when an impression needs it),
+        or ``None`` (contexts without QU).
+    qu_version:
+        Recorded in the new contexts; default: the understander's ``version``.
+    keep_current:
+        Keep the logged selection of impressions whose featurizer version, dim and QU version
+        already are the current ones (it is what re-featurizing would give, and it keeps the
+        exact request-time inputs).
+
+    Returns
+    -------
+    (events, counts)
+        ``counts``: ``refeaturized``, ``kept_current``, ``kept_no_query``, ``queries_parsed``.
+    """
+    from .featurizer import request_context
+
+    events = [dict(ev) for ev in events]
+    qu = understander
+    if qu is not None and not hasattr(qu, "parse_many") and qu_version is None:
+        qu = qu()  # a factory, but its version is needed to tell current contexts apart
+    if qu_version is None and qu is not None and hasattr(qu, "parse_many"):
+        qu_version = getattr(qu, "version", None)
+    counts: Counter[str] = Counter()
+    todo: list[dict[str, Any]] = []
+    for ev in events:
+        if ev.get("type") != "impression":
+            continue
+        query = ev.get("query")
+        if not isinstance(query, str) or not query.strip():
+            counts["kept_no_query"] += 1
+            continue
+        sel = ev.get("selection")
+        if keep_current and isinstance(sel, Mapping) and (
+                sel.get("featurizer_version") == featurizer.version
+                and sel.get("dim") == featurizer.dim
+                and (sel.get("qu_version") or None) == (qu_version or None)):
+            counts["kept_current"] += 1
+            continue
+        todo.append(ev)
+    if todo:
+        if qu is not None and not hasattr(qu, "parse_many"):
+            qu = qu()  # loaded only now that some impression needs it
+        queries = sorted({str(ev["query"]) for ev in todo})
+        parsed: dict[str, Any] = {}
+        if qu is not None:
+            parsed = dict(zip(queries, qu.parse_many(queries, batch_size=batch_size)))
+            counts["queries_parsed"] = len(queries)
+        for ev in todo:
+            old = ev.get("selection") if isinstance(ev.get("selection"), Mapping) else {}
+            pairs = old.get("memory_pairs")
+            ctx = featurizer.transform(parsed.get(str(ev["query"])),
+                                       request_context(ev.get("context")), str(ev["query"]),
+                                       memory_pairs=int(pairs) if pairs is not None else None,
+                                       qu_version=qu_version)
+            ev["selection"] = ctx.to_dict()
+            counts["refeaturized"] += 1
+    return events, {k: counts[k] for k in ("refeaturized", "kept_current", "kept_no_query",
+                                           "queries_parsed")}
+
+
+def migrate_posteriors(es: Elasticsearch, redis: redis_lib.Redis, *, events_alias: str,
+                       prefix: str, featurizer: Any, understander: Any = None,
+                       qu_version: str | None = None, force: bool = False,
+                       half_life_days: float | None = 14.0, now: float | _dt.datetime | None = None,
+                       policy: Policy = "linear", position_bias: Literal["log2", "none"] = "log2",
+                       max_weight: float = 3.0, max_attempts: int = 5,
+                       reward_model: RewardModel | None = None) -> dict[str, Any]:
+    """Rebuild the posteriors of ``prefix`` for the current featurizer and QU model, and
+    record their versions in the meta (``dim``, ``featurizer_version``, ``qu_version``).
+
+    Every logged impression whose context another featurizer, dimension or QU model produced
+    is re-featurized (:func:`refeaturize_events`: its query re-parsed with the current QU
+    model, its logged request context and memory count passed again), then the log is replayed
+    with :func:`rebuild_posteriors` exactly as :func:`rebuild_and_swap` does (same cut-off
+    snapshot, same ``gen`` check). The swap writes the statistics and the versions in one Lua
+    script. When the dimension or the featurizer changed, the old statistics mean something
+    else: every statistics key is *replaced* (observations counted between the snapshot and
+    the swap are dropped; they are in the log and the next rebuild counts them). When only
+    the QU model changed, the difference is *added* as in :func:`swap_posteriors`, so nothing
+    is lost. Serving processes notice the new meta on their next read
+    (:meth:`~orchestrator.bandit_state.RedisBanditStore.check_schema`).
+
+    Parameters
+    ----------
+    featurizer:
+        The serving processes' :class:`~orchestrator.featurizer.ContextFeaturizer` (same
+        ``hash_dim`` and ``bucket_keys``).
+    understander:
+        The current QU model (``parse_many`` and ``version``), a zero-argument factory for it
+        (loaded only when some impression needs re-parsing), or ``None``.
+    qu_version:
+        Overrides the understander's ``version``.
+    force:
+        Rebuild even when the meta already records the current versions.
+    half_life_days, now, policy, position_bias, max_weight, max_attempts, reward_model:
+        As :func:`rebuild_and_swap`.
+
+    Returns
+    -------
+    dict
+        JSON-able: ``migrated`` (False: nothing to do, or ``swapped`` False), ``mode``
+        (``replace`` / ``delta``), ``before`` / ``after`` versions, re-featurization counts and
+        the rebuild counts.
+    """
+    dim = featurizer.dim
+    store = RedisBanditStore(redis, prefix=prefix, dim=dim)
+    before = store.state_versions()
+    if qu_version is None and understander is not None:
+        if not hasattr(understander, "parse_many"):
+            understander = understander()  # its version decides whether anything changed
+        qu_version = getattr(understander, "version", None)
+    after = {"dim": dim, "featurizer_version": featurizer.version, "qu_version": qu_version}
+    if before == after and not force:
+        return {"migrated": False, "reason": "the state already records these versions",
+                "before": before, "after": after}
+    mode = ("replace" if before["dim"] != dim or before["featurizer_version"] != featurizer.version
+            else "delta")
+    log = FeedbackLog(redis, store=store)
+    reward_model = reward_model or RewardModel(position_bias=position_bias)
+    keys = _stat_keys(store)
+    for attempt in range(1, max_attempts + 1):
+        base = snapshot_posteriors(store, keys=keys)
+        live = _stream_events(log, upto=base.upto) if base.upto else []
+        events = merge_events(live, load_events(es, events_alias=events_alias))
+        events, refeat = refeaturize_events(events, featurizer=featurizer,
+                                            understander=understander, qu_version=qu_version)
+        t_now = now if now is not None else (
+            stream_id_key(base.upto)[0] / 1000.0 if base.upto else time.time())
+        state = rebuild_posteriors(events, now=t_now, half_life_days=half_life_days, dim=dim,
+                                   policy=policy, reward_model=reward_model, upto=base.upto)
+        target = state_fields(state)
+        missing = sorted(set(target) - set(base.fields))
+        if missing:
+            keys = sorted(set(keys) | set(missing))
+            continue
+        all_keys = sorted(set(target) | set(base.fields))
+        payload: list[dict[str, str]] = []
+        for k in all_keys:
+            new = target.get(k, {})
+            if mode == "replace":
+                payload.append({f: repr(v) for f, v in sorted(new.items())})
+            else:
+                old = base.fields.get(k, {})
+                delta = {f: new.get(f, 0.0) - old.get(f, 0.0) for f in set(new) | set(old)}
+                payload.append({f: repr(d) for f, d in sorted(delta.items()) if d != 0.0})
+        meta = state["meta"]
+        summary = json.dumps({**{k: v for k, v in meta.items()
+                                 if k in ("upto", "now", "half_life_days", "policy", "applied",
+                                          "fingerprint")},
+                              "mode": mode, "from": before, "swapped_at": _iso(time.time())},
+                             separators=(",", ":"))
+        script = redis.register_script(_MIGRATE_LUA)
+        try:
+            res = script(keys=[store.meta_key, *(store.key("bandit", k) for k in all_keys)],
+                         args=[base.gen, json.dumps(payload, separators=(",", ":")),
+                               base.upto or "", summary, dim, featurizer.version,
+                               qu_version or "", mode, SCHEMA_VERSION])
+        except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
+            raise store._unavailable(exc) from exc
+        if int(res[0]) != 1:
+            keys = _stat_keys(store)
+            continue
+        logger.info("bandit posteriors of %r migrated (%s) from %s to %s: %d impressions "
+                    "re-featurized, %d feedback replayed (v%s)", prefix, mode, before, after,
+                    refeat["refeaturized"], meta["applied"], int(res[2]))
+        return {"migrated": True, "swapped": True, "mode": mode, "before": before,
+                "after": after, "attempts": attempt, "upto": base.upto,
+                "version": int(res[2]), "gen": _s(res[1]), "keys": len(all_keys),
+                "events": len(events), "stream_events": len(live), **refeat,
+                **{k: meta[k] for k in ("impressions", "applied", "empty", "duplicates",
+                                        "skipped_no_impression", "skipped_invalid",
+                                        "skipped_dim", "now", "half_life_days", "fingerprint")}}
+    raise OrchestratorError(f"bandit migration of {prefix!r} lost the swap race {max_attempts} times")
+
+
+__all__ += ["migrate_posteriors", "refeaturize_events"]

@@ -172,7 +172,8 @@ def newest_arms_registry(folder: Path) -> TemplateRegistry:
 
 
 def sim_settings(settings: Any, *, prefix: str, alias: str | None, max_results: int,
-                 events_alias: str | None = None, model_dir: Path | None = None) -> Any:
+                 events_alias: str | None = None, model_dir: Path | None = None,
+                 display: int | None = None) -> Any:
     """``settings`` for one policy: its Redis prefix, the catalog alias, and for a retrained
     policy its own events alias, rescorer folder and no time decay of the posteriors (the
     simulation has no calendar time: a run lasts minutes, so wall-clock decay would only
@@ -191,6 +192,9 @@ def sim_settings(settings: Any, *, prefix: str, alias: str | None, max_results: 
     if model_dir is not None:
         update["rescorer"] = settings.rescorer.model_copy(update={"model_dir": model_dir})
         update["bandit"] = settings.bandit.model_copy(update={"rebuild_half_life_days": None})
+    if display is not None and getattr(settings, "examination", None) is not None:
+        # Swap interventions only within what simulated users are shown.
+        update["examination"] = settings.examination.model_copy(update={"max_position": display})
     return settings.model_copy(update=update)
 
 
@@ -277,7 +281,7 @@ class Simulation:
         s = sim_settings(self.settings, prefix=prefix, alias=self.alias,
                          max_results=max(spec.max_candidates(c.total_budget), c.total_budget),
                          events_alias=self.events_alias(spec.name) if retrain else None,
-                         model_dir=model_dir)
+                         model_dir=model_dir, display=c.display)
         rescorer: LinearRescorer | None = (
             rrf_rescorer() if spec.rescorer == "rrf" else LinearRescorer.default())
         rescoring: dict[str, Any] | None = None

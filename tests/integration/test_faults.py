@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from orchestrator.errors import ServiceUnavailableError, UnknownRequestError
@@ -162,7 +163,7 @@ def linear_n(orch: Orchestrator, component: str) -> float:
 
 
 # -- a broken arm ----------------------------------------------------------------------------
-def test_failed_arm_is_dropped_and_neither_rewarded_nor_blamed(
+def test_failed_arm_is_dropped_and_charged_a_failure_observation(
         es, redis_client, redis_prefix, settings, catalog_slice, tmp_path):
     tdir = tmp_path / "templates"
     tdir.mkdir()
@@ -188,16 +189,19 @@ def test_failed_arm_is_dropped_and_neither_rewarded_nor_blamed(
     assert imp["executed"] == ["lexical.v1"] and imp["failures"][0]["template_id"] == "broken.v1"
 
     components = ["arm:broken.v1", "af:source=broken", "arm:lexical.v1"]
+    # At search time both chosen arms got their one observation: the arm that ran reward 0
+    # minus its latency, the failed one the failure reward (it is blamed, see rewards.py).
     before = {c: linear_n(orch, c) for c in components}
+    assert before == {"arm:broken.v1": 1, "af:source=broken": 1, "arm:lexical.v1": 1}
+    broken_b = orch.store.load_linear(["arm:broken.v1"])["arm:broken.v1"].b.copy()
     fb_play = orch.feedback(resp.request_id, resp.results[0].id, "play")
     fb_skip = orch.feedback(resp.request_id, resp.results[1].id, "skip")
     after = {c: linear_n(orch, c) for c in components}
-    assert set(fb_play.rewards) == {"lexical.v1"} and set(fb_skip.rewards) == {"lexical.v1"}
-    # The failed arm's statistics (its own and its pooled action-feature model) did not move;
-    # the arm that ran learned from both actions.
-    assert after["arm:broken.v1"] == before["arm:broken.v1"] == 0
-    assert after["af:source=broken"] == before["af:source=broken"] == 0
-    assert after["arm:lexical.v1"] == before["arm:lexical.v1"] + 2
+    assert set(fb_play.rewards) == set(fb_skip.rewards) == {"lexical.v1", "broken.v1"}
+    assert fb_play.rewards["broken.v1"] == 0.0  # failure_reward 0, an error costs no latency
+    # Feedback adds no observation; it raised lexical's and left the failed arm's alone.
+    assert after == before
+    assert np.array_equal(orch.store.load_linear(["arm:broken.v1"])["arm:broken.v1"].b, broken_b)
     assert orch.store.impressions() == {"lexical.v1": 1}
 
 
@@ -365,6 +369,8 @@ def _load(orch: Orchestrator, stop: threading.Event, seed: int, out: dict) -> No
         try:
             resp = orch.search(q, size=5)
             out["searches"] += 1
+            # one bandit observation per chosen arm, written with the impression
+            out["observations"] += len(resp.decision.choices)
         except ServiceUnavailableError:
             out["search_errors"] += 1
             time.sleep(0.05)
@@ -380,7 +386,6 @@ def _load(orch: Orchestrator, stop: threading.Event, seed: int, out: dict) -> No
                 continue
             if not res.duplicate:
                 out["acked"].add((resp.request_id, it.id, action))
-                out["observations"] += len(res.rewards)
         out["recent"].append(resp)
 
 
@@ -433,12 +438,10 @@ def test_redis_restart_mid_load_loses_no_acknowledged_feedback(
     for rid in {a[0] for a in out["acked"]}:
         members |= {(rid, i, a) for i, a in orch.log.counted(rid)}
     assert out["acked"] <= members           # duplicate markers came through too
-    # Bandit statistics: each acknowledged observation (one per rewarded arm of each feedback,
-    # plus the zero rewards of empty responses) was added exactly once.
-    empties = [e for e in stored_feedback(private_redis, private_prefix) if e["action"] == "empty"]
-    expected = out["observations"] + sum(len(e["rewards"]) for e in empties)
+    # Bandit statistics: each search's observations (one per chosen arm, written with its
+    # impression; feedback only raises them) were added exactly once, spooled or not.
     total_n = sum(linear_n(orch, f"arm:{t}") for t in ("lexical.v1", "lexical_popular.v1"))
-    assert total_n == expected
+    assert total_n == out["observations"]
     assert orch.search("take five", size=5).results  # and it keeps serving
 
 

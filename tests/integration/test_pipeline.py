@@ -197,7 +197,8 @@ def test_feedback_edge_cases(make_orch):
     other = orch.feedback(resp.request_id, item, "play")  # another action on the same item counts
     assert not other.duplicate
     skip = orch.feedback(resp.request_id, item, "skip")
-    assert all(r == 0.0 for r in skip.rewards.values())
+    # A skip is not bandit evidence: each arm's reward is its search-time one (0 minus latency).
+    assert skip.rewards and all(r <= 0.0 for r in skip.rewards.values())
     assert {(f["item_id"], f["action"]) for f in orch.explain(resp.request_id)["feedback"]} == {
         (item, "click"), (item, "play"), (item, "skip")}
     fb_events = [e for e in orch.log.read_events() if e["type"] == "feedback"]
@@ -233,10 +234,14 @@ def test_rescorer_features_reach_the_event_log(make_orch):
     from orchestrator.rescoring import dataset_from_events, train_rescorer
 
     orch = make_orch()
+    clicks = 0
     for q in ("jazz", "Blinding Lights", "blues", "soul", "rock"):
         resp = orch.search(q, context=CTX, size=10)
+        if not resp.results:  # the bandit may have run only an arm that finds nothing for q
+            continue
         orch.feedback(resp.request_id, resp.results[min(2, len(resp.results) - 1)].id, "click")
+        clicks += 1
     X, y, names = dataset_from_events(orch.log.read_events())
-    assert X.shape == (len(y), len(names)) and y.sum() == 5
+    assert clicks >= 3 and X.shape == (len(y), len(names)) and y.sum() == clicks
     model = train_rescorer(X, y, feature_names=names)
     assert model.metadata["n_samples"] == len(y)

@@ -40,6 +40,11 @@ BROWSE = FEAT.transform(ParsedQuery("jazz", "jazz", (Slot("genre", "jazz", 1.0, 
                         RequestContext(hour=22, weekday=6, device="mobile"), "jazz")
 
 
+#: These tests reward the chosen arms 1 (the good one) or 0: the scale the former default
+#: threshold was tuned for, kept here so they test the subset mechanics, not the default.
+OLD_SCALE = {"threshold": 0.3}
+
+
 def rewards_for(decision, good: str) -> list[ArmReward]:
     spec = {a.template_id: a for a in ARMS}
     return [ArmReward(c.arm, c.template_id, 1.0 if c.template_id == good else 0.0, 1.0,
@@ -91,12 +96,21 @@ def test_selection_is_seeded_and_logs_propensities():
     assert da == db and da.sampled == db.sampled and da.propensities == db.propensities
     assert set(da.propensities) == {a.template_id for a in ARMS}
     assert all(0 < c.propensity <= 1 for c in da.choices)
-    assert sum(c.budget for c in da.choices) == 60
+    # Learned budget levels (the default) spend at most the total; the former proportional
+    # split spends all of it.
+    assert sum(c.budget for c in da.choices) <= 60
+    assert all(c.level in (10, 20, 40) and 0 < c.level_propensity <= 1 for c in da.choices)
     assert 1 <= len(da.choices) <= 3
+    prop = LinearThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=3,
+                                  refresh_interval_s=0, budget_mode="proportional")
+    dp = prop.select(KNOWN, ARMS, total_budget=60)
+    assert sum(c.budget for c in dp.choices) == 60 and all(c.level is None for c in dp.choices)
+    assert dp.budget_propensity == 1.0 and dp.action_propensity == dp.subset_propensity
 
 
 def test_linear_thompson_learns_context_dependent_arms():
-    sel = LinearThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=0, refresh_interval_s=0)
+    sel = LinearThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=0,
+                                 refresh_interval_s=0, **OLD_SCALE)
     p0 = sel.select(KNOWN, ARMS, total_budget=60).propensities
     train(sel)
     pk = sel.select(KNOWN, ARMS, total_budget=60).propensities
@@ -119,7 +133,8 @@ def test_action_features_transfer_to_a_new_arm():
 
 
 def test_beta_simple_mode_learns_per_bucket():
-    sel = BetaThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=0, refresh_interval_s=0)
+    sel = BetaThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=0,
+                               refresh_interval_s=0, **OLD_SCALE)
     train(sel, rounds=40)
     pk = sel.select(KNOWN, ARMS, total_budget=60).propensities
     pb = sel.select(BROWSE, ARMS, total_budget=60).propensities
@@ -176,7 +191,8 @@ def test_logged_subset_propensity_matches_empirical_subset_frequency():
     selections from a fixed posterior, each subset's frequency matches its mean logged
     propensity. The independence approximation (product of per-arm inclusions) does not."""
     sel = LinearThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=5,
-                                 refresh_interval_s=0, n_resamples=400)
+                                 refresh_interval_s=0, n_resamples=400, **OLD_SCALE,
+                                 budget_mode="proportional")  # the rng stream of the subsets alone
     train(sel, rounds=3)  # some evidence, still uncertain: several subsets are likely
     n = 3000
     seen: dict[frozenset, list[float]] = {}

@@ -165,8 +165,9 @@ def test_irrelevant_click_may_be_skipped():
 def test_metrics_by_hand():
     shown = ["a", "b", "c"]
     rel = {"b": 1, "c": 2}
-    dcg = 0 + 1 / math.log2(3) + 3 / math.log2(4)
-    ideal = 3 / 1 + 1 / math.log2(3)
+    # linear gain (trec_eval's ndcg_cut, orchestrator.metrics): grade 2 gains 2
+    dcg = 0 + 1 / math.log2(3) + 2 / math.log2(4)
+    ideal = 2 / 1 + 1 / math.log2(3)
     assert metrics.ndcg_at_k(shown, rel, 10) == pytest.approx(dcg / ideal)
     assert metrics.ndcg_at_k(["c", "b"], rel, 10) == pytest.approx(1.0)
     assert metrics.ndcg_at_k(shown, rel, 1) == 0.0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from orchestrator.bandit_state import InMemoryBanditStore, LinearStats
-from orchestrator.pipeline import EMPTY_ACTION, impression_rewards
+from orchestrator.budgets import level_updates
 from orchestrator.rescoring import (
     LinearRescorer,
     current_version,
@@ -18,7 +18,7 @@ from orchestrator.rescoring import (
     read_pointer,
     write_pointer,
 )
-from orchestrator.rewards import RewardModel
+from orchestrator.rewards import EMPTY_ACTION, RewardModel, level_rewards, outcome_rewards
 from orchestrator.selection import LinearThompsonSelector, SelectionContext
 from orchestrator.training import (
     RankingGroup,
@@ -59,6 +59,7 @@ def impression(rid: str, ts: float, *, seq: int, rng: np.random.Generator, n_ite
     return {
         "type": "impression", "event_id": f"{int(ts * 1000)}-{seq}", "request_id": rid,
         "ts": iso(ts), "query": "q", "executed": list(executed),
+        "arm_stats": {t: {"took_ms": float(5 + seq + len(rid))} for t in executed},
         "selection": {"features": {}, "indices": [0, *idx], "values": [1.0, *vals.tolist()],
                       "bucket": f"intent=x|daypart={'night' if seq % 2 else 'day'}"},
         "decision": {"chosen": [{"arm": a, "template_id": t,
@@ -68,7 +69,7 @@ def impression(rid: str, ts: float, *, seq: int, rng: np.random.Generator, n_ite
 
 
 def feedback(imp: dict, ts: float, *, seq: int, rank: int, action: str) -> dict:
-    item = None if action == EMPTY_ACTION else imp["shown"][rank - 1]["id"]
+    item = None if action == EMPTY_ACTION else imp["shown"][rank - 1]["id"]  # older versions' event
     return {"type": "feedback", "event_id": f"{int(ts * 1000)}-{seq}",
             "request_id": imp["request_id"], "item_id": item, "action": action, "ts": iso(ts)}
 
@@ -80,26 +81,36 @@ def make_log(n: int = 30, seed: int = 0) -> list[dict]:
         ts = T0 + 3600 * i
         imp = impression(f"r{i}", ts, seq=0, rng=rng)
         events.append(imp)
-        action = ["click", "play", "like", "skip", EMPTY_ACTION][i % 5]
+        action = ["click", "play", "like", "skip", "click"][i % 5]
         events.append(feedback(imp, ts + 5, seq=1, rank=1 + i % 5, action=action))
         if i % 3 == 0:  # a second action on another item
             events.append(feedback(imp, ts + 9, seq=2, rank=1 + (i + 2) % 5, action="favorite"))
+        if i % 4 == 1:  # a third on the first item: still one observation
+            events.append(feedback(imp, ts + 11, seq=3, rank=1 + i % 5, action="favorite"))
+        if i % 10 == 4:  # an older version's zero observation: ignored now
+            events.append(feedback(imp, ts + 1, seq=4, rank=1, action=EMPTY_ACTION))
     return events
 
 
-def live_accumulate(events: list[dict], reward_model: RewardModel) -> InMemoryBanditStore:
-    """What Orchestrator.feedback does, against an in-memory store (same calls, same order)."""
+def live_accumulate(events: list[dict], reward_model: RewardModel,
+                    learner_cls=LinearThompsonSelector) -> InMemoryBanditStore:
+    """What Orchestrator.search and .feedback do, against an in-memory store (same calls, same
+    order): each impression's search-time observation, then each feedback raising it (the
+    request's outcome hash keeps the max)."""
     store = InMemoryBanditStore(dim=DIM)
-    learner = LinearThompsonSelector(store)
+    learner = learner_cls(store)
     imps = {e["request_id"]: e for e in events if e["type"] == "impression"}
     for e in events:
-        if e["type"] != "feedback":
+        imp = imps.get(e["request_id"])
+        if imp is None or e.get("action") == EMPTY_ACTION:
             continue
-        imp = imps[e["request_id"]]
-        _, rewards = impression_rewards(imp, item_id=e["item_id"], action=e["action"],
-                                        reward_model=reward_model)
-        store.apply(learner.updates_for(SelectionContext.from_dict(imp["selection"]), rewards),
-                    dedupe=(e["request_id"], f"{e['item_id']}\x1f{e['action']}", 0))
+        acts = [] if e["type"] == "impression" else [(e["item_id"], e["action"])]
+        ctx = SelectionContext.from_dict(imp["selection"])
+        updates = [*learner.updates_for(ctx, outcome_rewards(imp, acts, reward_model)),
+                   *level_updates(ctx, level_rewards(imp, acts, reward_model))]
+        dedupe = None if e["type"] == "impression" else (
+            e["request_id"], f"{e['item_id']}\x1f{e['action']}", 0)
+        store.apply(updates, dedupe=dedupe, outcome=(f"out:{e['request_id']}", 0))
     return store
 
 
@@ -141,7 +152,37 @@ def test_rebuild_without_decay_equals_live_accumulation():
         np.testing.assert_allclose(got["b"], st.b, atol=1e-12)
     meta = state["meta"]
     assert meta["duplicates"] == 1 and meta["skipped_no_impression"] == 1
-    assert meta["empty"] == 6 and meta["applied"] == 30 + 10
+    assert meta["legacy_empty"] == 3 and meta["applied"] == 30 + 10 + 8
+    assert meta["observed"] == 30  # one observation per impression (and per arm)
+    assert state["linear"]["arm:lexical.v1"]["n"] == 30
+
+
+def test_rebuild_equals_live_for_beta_and_budget_level_statistics():
+    from orchestrator.selection import BetaThompsonSelector
+
+    events = make_log(n=20, seed=3)
+    for e in events:  # learned budget levels: lexical ran 20 deep, genre 40
+        if e["type"] == "impression":
+            e["decision"]["budget_levels"] = [10, 20, 40]
+            for c, (lvl, budget) in zip(e["decision"]["chosen"], ((20, 20), (40, 30))):
+                c["level"], c["budget"] = lvl, budget
+            for s_ in e["shown"]:
+                s_["provenance"] = [{"template_id": t, "rank": 3 * s_["rank"] + 4}
+                                    for t in s_["arms"]]
+    rm = RewardModel()
+    state = rebuild_posteriors(events, now=T0, half_life_days=None, dim=DIM, policy="simple",
+                               reward_model=rm)
+    live = live_accumulate(events, rm, BetaThompsonSelector)
+    tids = sorted(state["beta"])
+    assert tids == ["budget:genre.v1", "budget:lexical.v1", "genre.v1", "lexical.v1"]
+    for tid, bs in live.load_beta(tids).items():
+        got = state["beta"][tid]
+        assert set(got) == set(bs.buckets)
+        for bucket, cell in bs.buckets.items():
+            assert got[bucket] == pytest.approx(cell, abs=1e-12), (tid, bucket)
+    # genre fetched 30: level 40 is censored, never observed
+    assert not any(b.startswith("l40") for b in state["beta"]["budget:genre.v1"])
+    assert state["beta"]["budget:lexical.v1"]["l20|*"][2] == 20  # one observation per search
 
 
 def test_decay_halves_old_evidence_exactly():
