@@ -72,6 +72,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # learning_memory.py, when run from elsewhere
 
+from orchestrator.feedback import compact_impression  # noqa: E402
 from orchestrator.pipeline import Orchestrator  # noqa: E402
 from orchestrator.settings import OrchestratorSettings  # noqa: E402
 
@@ -236,7 +237,10 @@ def generate(templates: Templates, *, n_events: int, zipf: float, p_feedback: fl
 def _fill_stream(r: Any, stream: str, events: list[tuple[str, dict[str, Any]]]) -> None:
     pipe = r.pipeline(transaction=False)
     for n, (typ, ev) in enumerate(events, start=1):
-        pipe.xadd(stream, {"type": typ, "data": json.dumps(ev, separators=(",", ":"))})
+        fields = {"type": typ, "data": json.dumps(ev, separators=(",", ":"))}
+        if typ == "impression":  # as the product writes it (FeedbackLog)
+            fields["mem"] = compact_impression(ev)
+        pipe.xadd(stream, fields)
         if n % 2000 == 0:
             pipe.execute()
     pipe.execute()

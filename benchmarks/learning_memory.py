@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from orchestrator.examination import ExaminationModel  # noqa: E402
+from orchestrator.feedback import compact_impression  # noqa: E402
 from orchestrator.memory import MemoryUpdater, rebuild_memory  # noqa: E402
 from orchestrator.settings import OrchestratorSettings  # noqa: E402
 
@@ -93,6 +94,8 @@ def _xadd_all(redis: Any, stream: str, events: Iterable[Mapping[str, Any]], *,
     for ev in events:
         data = {k: v for k, v in ev.items() if k not in ("type", "event_id")}
         f = {"type": ev["type"], "data": json.dumps(data, separators=(",", ":"))}
+        if ev["type"] == "impression":  # as the product writes it (FeedbackLog)
+            f["mem"] = compact_impression(data)
         pipe.xadd(stream, f)
         fields.append(f)
         if len(fields) >= chunk:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -35,11 +35,13 @@ _SEP = "\x1f"
 # :mod:`orchestrator.rewards`) are added only when it was, all in one script.
 # KEYS: 1 impression, 2 events stream, 3 arms:impressions hash, 4 bandit meta hash, 5 outcome
 # hash (P out:<request_id>), 6.. one stat key per update. ARGV: 1 impression JSON, 2 ttl s,
-# 3 event JSON, 4 stream maxlen, 5 updates JSON, 6 number of executed template ids, 7.. them.
+# 3 event JSON, 4 stream maxlen, 5 updates JSON, 6 number of executed template ids, 7.. them,
+# then the compact record (:func:`compact_impression`) as the last argument.
 _REPLAY_IMPRESSION_LUA = STATS_LUA + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'impression', 'data', ARGV[3])
 local n_exec = tonumber(ARGV[6])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'impression', 'data', ARGV[3],
+           'mem', ARGV[7 + n_exec])
 for n = 7, 6 + n_exec do
   redis.call('HINCRBY', KEYS[3], ARGV[n], 1)
 end
@@ -50,6 +52,19 @@ if #ups > 0 then
 end
 return 1
 """
+
+
+def compact_impression(impression: Mapping[str, Any]) -> str:
+    """The impression's stream entry also carries this small JSON (field ``mem``): query key,
+    time, request id and the shown ids with their display positions, so incremental consumers
+    (the memory updater) need not parse the full event, whose shown list carries every item's
+    features and provenance (~9 KB for 10 items; its ``json.loads`` alone capped them at a few
+    thousand events/s)."""
+    return json.dumps({"request_id": impression.get("request_id"),
+                       "query_key": impression.get("query_key"), "ts": impression.get("ts"),
+                       "shown": [[s["id"], s["rank"]] for s in impression.get("shown") or ()],
+                       **({"degraded": impression["degraded"]} if impression.get("degraded") else {}),
+                       }, separators=(",", ":"))
 
 
 class FeedbackLog:
@@ -98,7 +113,8 @@ class FeedbackLog:
             pipe.set(self.impression_key(rid), json.dumps(impression, separators=(",", ":")),
                      ex=self.impression_ttl_s)
             pipe.xadd(self.store.events_key,
-                      {"type": "impression", "data": json.dumps(event, separators=(",", ":"))},
+                      {"type": "impression", "data": json.dumps(event, separators=(",", ":")),
+                       "mem": compact_impression(impression)},
                       maxlen=self.stream_maxlen, approximate=True)
             self.store.incr_impressions(executed, pipe)
             pipe.execute()
@@ -120,7 +136,7 @@ class FeedbackLog:
                 self.store.outcome_key(rid), *stat_keys]
         args = [json.dumps(impression, separators=(",", ":")), self.impression_ttl_s,
                 json.dumps(event, separators=(",", ":")), self.stream_maxlen, payload,
-                len(executed), *executed]
+                len(executed), *executed, compact_impression(impression)]
         try:
             return bool(self._replay_script(keys=keys, args=args))
         except (redis.ConnectionError, redis.TimeoutError) as exc:

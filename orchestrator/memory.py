@@ -703,6 +703,15 @@ def _decode_entry(entry_id: Any, fields: Mapping[Any, Any]) -> dict[str, Any]:
         return x.decode() if isinstance(x, bytes) else str(x)
 
     f = {s(k): s(v) for k, v in fields.items()}
+    if f.get("type") == "impression" and f.get("mem"):
+        # The compact record (orchestrator.feedback.compact_impression): all the updater needs.
+        try:
+            data = json.loads(f["mem"])
+            data["shown"] = [{"id": i, "rank": r} for i, r in data.get("shown") or ()]
+            data["type"], data["event_id"] = "impression", s(entry_id)
+            return data
+        except (json.JSONDecodeError, TypeError, ValueError):
+            pass  # fall back to the full event
     try:
         data = json.loads(f.get("data") or "{}")
     except json.JSONDecodeError:

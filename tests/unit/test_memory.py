@@ -202,3 +202,26 @@ def test_the_memory_arm_searches_its_own_index_in_the_same_msearch():
     # without a mapping, a role searches <catalog>-<role>
     assert MultiSearch(FakeES(), index="cat", registry=registry).index_for("memory.v2") == \
         "cat-memory"
+
+
+def test_compact_impression_record_gives_the_updater_what_the_full_event_does():
+    import json
+
+    from orchestrator.examination import ExaminationModel
+    from orchestrator.feedback import compact_impression
+    from orchestrator.memory import _decode_entry, aggregate
+
+    imp = {"request_id": "r1", "query_key": "take five", "ts": "2026-12-01T10:00:00+00:00",
+           "shown": [{"id": f"track:{i}", "rank": i, "features": [0.1] * 40,
+                      "provenance": [{"arm": "lexical"}]} for i in range(1, 11)]}
+    full = {"type": "impression", "data": json.dumps(imp)}
+    compact = {**full, "mem": compact_impression(imp)}
+    assert len(compact["mem"]) < len(full["data"]) / 3
+    a = _decode_entry("1-0", full)
+    b = _decode_entry("1-0", compact)
+    ex = ExaminationModel.default()
+    agg_a = aggregate([a], examination=ex, now=0)
+    agg_b = aggregate([b], examination=ex, now=0)
+    assert {k: (v.clicks, v.examinations) for k, v in agg_a.items()} == \
+        {k: (v.clicks, v.examinations) for k, v in agg_b.items()}
+    assert len(agg_b) == 10
