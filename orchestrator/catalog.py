@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import hashlib
 import logging
 import math
@@ -126,7 +127,7 @@ class _Track:
     __slots__ = (
         "track_id", "title", "artists", "album", "popularity", "duration_ms", "explicit",
         "audio", "genres", "release_date", "artist_genres", "artist_popularity",
-        "artist_followers", "playlists",
+        "artist_followers",
     )
 
     def __init__(self, track_id: str) -> None:
@@ -143,7 +144,6 @@ class _Track:
         self.artist_genres: set[str] = set()
         self.artist_popularity: float | None = None
         self.artist_followers: float | None = None
-        self.playlists: set[str] = set()
 
     def merge(self, *, title: str | None, artists: list[str], album: str | None,
               popularity: float | None, duration_ms: float | None, explicit: bool | None,
@@ -192,6 +192,14 @@ def lastfm_rows(folder: Path, name: str, encoding: str = "utf-8") -> Iterator[li
                 yield parts
 
 
+def lastfm_catalog_user(user_id: str) -> bool:
+    """True when this Last.fm user's tag assignments feed the catalog (``artist_genres``);
+    the other half (odd ids) is reserved for evaluation (the simulator's tag relevance), so
+    the catalog never sees the answers. Non-numeric ids go to the catalog."""
+    uid = str(user_id).strip()
+    return int(uid) % 2 == 0 if uid.isdigit() else True
+
+
 class CatalogBuilder:
     """Merge the sources and yield entity documents.
 
@@ -203,12 +211,20 @@ class CatalogBuilder:
         Optional predicate on the merged track (used by tests to index a slice).
     """
 
-    def __init__(self, data_dir: Path, *, genres: set[str] | None = None, limit: int | None = None) -> None:
+    def __init__(self, data_dir: Path, *, genres: set[str] | None = None, limit: int | None = None,
+                 exclude: frozenset[str] | None = None, only: frozenset[str] | None = None) -> None:
         if not (data_dir / "spotify-tracks-114k").is_dir():
             raise IngestError(f"no music data under {data_dir} (expected spotify-tracks-114k/ there)")
         self.data_dir = data_dir
         self.genres = genres
         self.limit = limit
+        #: Catalog ids (``track:<id>``) of tracks left out (a hold-out): their albums and
+        #: artists are built from the remaining tracks only (and vanish when none remain).
+        self.exclude = frozenset(exclude) if exclude is not None else None
+        #: Yield only these ids, computed from the full catalog: the track docs in ``only``
+        #: plus the complete album/artist docs of every such track (and any album/artist id
+        #: in ``only``), i.e. what an incremental add must (re)write.
+        self.only = frozenset(only) if only is not None else None
         self.report = BuildReport()
 
     # -- reading ---------------------------------------------------------------------------
@@ -291,11 +307,9 @@ class CatalogBuilder:
                     audio=_audio(row, rep),
                     release_date=(row.get("track_album_release_date") or "").strip() or None,
                 )
-                for k in ("playlist_genre", "playlist_subgenre"):
-                    if (row.get(k) or "").strip():
-                        t.genres.add(row[k].strip().lower())
-                if (row.get("playlist_name") or "").strip():
-                    t.playlists.add(row["playlist_name"].strip())
+                # The playlist columns (name, genre, subgenre) are evaluation answers (the
+                # simulator's playlist queries and their relevance): never copied into the
+                # catalog. Playlist rows only contribute the track's own metadata.
         return tracks
 
     def _lastfm(self) -> tuple[dict[str, list[str]], dict[str, int]]:
@@ -312,7 +326,8 @@ class CatalogBuilder:
         tag_names = {p[0]: p[1].strip().lower() for p in rows("tags.dat", "latin-1")}
         tag_counts: dict[str, Counter[str]] = defaultdict(Counter)
         for p in rows("user_taggedartists.dat"):
-            if p[1] in names and p[2] in tag_names:
+            # Only the catalog half of the users (see lastfm_catalog_user).
+            if len(p) > 2 and lastfm_catalog_user(p[0]) and p[1] in names and p[2] in tag_names:
                 tag_counts[names[p[1]]][tag_names[p[2]]] += 1
         listens: Counter[str] = Counter()
         for p in rows("user_artists.dat"):
@@ -337,12 +352,16 @@ class CatalogBuilder:
 
         albums: dict[str, dict[str, Any]] = {}
         artists: dict[str, dict[str, Any]] = {}
+        groups_wanted: set[str] = set(self.only or ())
         emitted = 0
         for t in tracks.values():
             if not t.artists:
                 self.report.skipped["track without artist"] += 1
                 continue
             if self.genres is not None and not (t.genres & self.genres):
+                continue
+            if self.exclude is not None and f"track:{t.track_id}" in self.exclude:
+                self.report.skipped["held out"] += 1
                 continue
             if self.limit is not None and emitted >= self.limit:
                 break
@@ -357,24 +376,33 @@ class CatalogBuilder:
                 artist_popularity=artist_pop.get(key, (None, None))[0],
                 artist_followers=artist_pop.get(key, (None, None))[1],
                 listeners=lastfm_listens.get(key), track_count=None,
-                playlists=sorted(t.playlists),
             )
-            yield doc
             self._accumulate(albums, artists, t, doc)
+            if self.only is None or doc_id(doc) in self.only:
+                if self.only is not None:
+                    album_id, artist_ids = track_group_ids(t.artists, t.album)
+                    groups_wanted.update(f"artist:{i}" for i in artist_ids)
+                    if album_id:
+                        groups_wanted.add(f"album:{album_id}")
+                self.report.entities["track"] += 1
+                yield doc
 
-        for a in albums.values():
-            yield self._finish_group("album", a, lastfm_listens)
-        for a in artists.values():
-            yield self._finish_group("artist", a, lastfm_listens)
+        for kind, store in (("album", albums), ("artist", artists)):
+            for gid, a in store.items():
+                if self.only is not None and f"{kind}:{gid}" not in groups_wanted:
+                    continue
+                self.report.entities[kind] += 1
+                yield self._finish_group(kind, a, lastfm_listens)
 
     def _accumulate(self, albums: dict[str, dict[str, Any]], artists: dict[str, dict[str, Any]],
                     t: _Track, doc: dict[str, Any]) -> None:
         primary = t.artists[0]
+        album_id, artist_ids = track_group_ids(t.artists, t.album)
         groups: list[tuple[dict[str, dict[str, Any]], str, str, str | None]] = []
-        if t.album:
-            groups.append((albums, _stable_id(fold(primary), fold(t.album)), t.album, primary))
-        for name in t.artists:
-            groups.append((artists, _stable_id(fold(name)), name, None))
+        if t.album and album_id:
+            groups.append((albums, album_id, t.album, primary))
+        for name, aid in zip(t.artists, artist_ids):
+            groups.append((artists, aid, name, None))
         for store, gid, title, artist in groups:
             g = store.get(gid)
             if g is None:
@@ -408,7 +436,7 @@ class CatalogBuilder:
             audio=audio, year=year, popularity=float(pop), explicit=g["explicit"],
             duration_ms=None, artist_popularity=g["ap"], artist_followers=g["af"],
             listeners=listens.get(fold(name if is_artist else g["artist"])),
-            track_count=g["n"], playlists=[],
+            track_count=g["n"],
         )
 
     def _entity(self, kind: str, eid: str, *, title: str, artists: list[str], album: str | None,
@@ -416,8 +444,7 @@ class CatalogBuilder:
                 year: int | None, popularity: float, explicit: bool | None,
                 duration_ms: float | None, artist_popularity: float | None,
                 artist_followers: float | None, listeners: int | None,
-                track_count: int | None, playlists: list[str]) -> dict[str, Any]:
-        self.report.entities[kind] += 1
+                track_count: int | None) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "entity_type": kind,
             "entity_id": eid,
@@ -440,11 +467,83 @@ class CatalogBuilder:
             "explicit": explicit,
             "duration_ms": int(duration_ms) if duration_ms else None,
             "track_count": track_count,
-            "playlists": playlists[:20],
             "audio": {k: round(v, 4) for k, v in audio.items()},
         }
         doc["q2e"] = predicted_queries(doc)
         return {k: v for k, v in doc.items() if v is not None and v != []}
+
+
+def track_group_ids(artists: list[str], album: str | None) -> tuple[str | None, list[str]]:
+    """The album entity id (primary artist + album; None without an album) and the artist
+    entity ids (one per credited artist) a track belongs to, as :class:`CatalogBuilder`
+    builds them (catalog ids are ``album:<id>`` / ``artist:<id>``)."""
+    album_id = _stable_id(fold(artists[0]), fold(album)) if album and artists else None
+    return album_id, [_stable_id(fold(name)) for name in artists]
+
+
+@dataclass(frozen=True)
+class HoldOut:
+    """The newest releases, left out of a build and added later (:func:`hold_out_newest`).
+    All ids are catalog ids (``track:<spotify id>``, ``album:<id>``, ``artist:<id>``)."""
+
+    track_ids: frozenset[str]
+    album_ids: frozenset[str]
+    artist_ids: frozenset[str]
+    cutoff: str
+    fraction: float
+
+    @property
+    def ids(self) -> frozenset[str]:
+        return self.track_ids | self.album_ids | self.artist_ids
+
+
+def _date_key(date: str) -> str:
+    # "2019" / "2019-06" / "2019-06-14" compared on one scale (partial dates sort first).
+    parts = (date.strip().split("-") + ["00", "00"])[:3]
+    return "-".join([parts[0].zfill(4), parts[1].zfill(2)[:2], parts[2].zfill(2)[:2]])
+
+
+def hold_out_newest(data_dir: Path, fraction: float = 0.02) -> HoldOut:
+    """The newest ``fraction`` of all merged tracks (by release date; undated tracks are
+    never held out; ties broken by id), expanded to whole releases (every track of the same
+    primary artist + album). ``album_ids``/``artist_ids``: the albums/artists all of whose
+    tracks are held out (they are new entities). Deterministic; cached per folder."""
+    return _hold_out_cached(str(Path(data_dir).resolve()), float(fraction))
+
+
+@functools.lru_cache(maxsize=8)
+def _hold_out_cached(data_dir: str, fraction: float) -> HoldOut:
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"hold-out fraction must be in [0, 1), got {fraction}")
+    tracks = [t for t in CatalogBuilder(Path(data_dir))._tracks().values() if t.artists]
+    dated = sorted((t for t in tracks if t.release_date and _year(t.release_date)),
+                   key=lambda t: (_date_key(t.release_date or ""), t.track_id), reverse=True)
+    n = min(len(dated), int(round(fraction * len(tracks))))
+    seeds = dated[:n]
+    cutoff = seeds[-1].release_date or "" if seeds else ""
+    album_of = {t.track_id: track_group_ids(t.artists, t.album)[0] for t in tracks}
+    seed_albums = {album_of[t.track_id] for t in seeds if album_of[t.track_id]}
+    held = {t.track_id for t in seeds} | {
+        t.track_id for t in tracks if album_of[t.track_id] in seed_albums}
+    album_total: Counter[str] = Counter()
+    album_held: Counter[str] = Counter()
+    artist_total: Counter[str] = Counter()
+    artist_held: Counter[str] = Counter()
+    for t in tracks:
+        h = t.track_id in held
+        a = album_of[t.track_id]
+        if a:
+            album_total[a] += 1
+            album_held[a] += h
+        for aid in set(track_group_ids(t.artists, t.album)[1]):
+            artist_total[aid] += 1
+            artist_held[aid] += h
+    return HoldOut(
+        track_ids=frozenset(f"track:{i}" for i in held),
+        album_ids=frozenset(f"album:{a}" for a, n_ in album_total.items() if album_held[a] == n_),
+        artist_ids=frozenset(f"artist:{a}" for a, n_ in artist_total.items() if artist_held[a] == n_),
+        cutoff=cutoff, fraction=fraction,
+    )
 
 
 def doc_id(doc: dict[str, Any]) -> str:

@@ -76,15 +76,48 @@ def index(
     alias: Annotated[str | None, typer.Option(help="Alias to load (default: es.catalog_alias).")] = None,
     embeddings: Annotated[bool, typer.Option(help="Compute dense vectors for the kNN arm.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    hold_out_newest: Annotated[float | None, typer.Option(
+        "--hold-out-newest",
+        help="Full build without the newest FRACTION of releases (added later with --add).")] = None,
+    add: Annotated[bool, typer.Option(
+        "--add", help="Add the held-out newest releases to the live catalog (no rebuild).")] = False,
+    newest: Annotated[float, typer.Option(
+        "--newest", help="With --add: the hold-out fraction to add (as in --hold-out-newest).")] = 0.02,
 ) -> None:
-    """Build the catalog from the bundled music data and load it (zero-downtime alias swap)."""
+    """Build the catalog from the bundled music data and load it (zero-downtime alias swap);
+    or, with ``--add``, add the held-out newest releases to the live catalog incrementally."""
     from .catalog import CatalogBuilder
+    from .catalog import hold_out_newest as _hold_out
     from .embeddings import get_encoder
     from .ingest import CatalogIndexer
 
     s = _settings()
     client = _es(s)
-    builder = CatalogBuilder(s.ingest.data_dir, genres=set(genre) if genre else None, limit=limit)
+    genres = set(genre) if genre else None
+    if add:
+        from .ingest import add_entities
+
+        held = _hold_out(s.ingest.data_dir, newest)
+        typer.echo(f"hold-out: {len(held.track_ids)} tracks, {len(held.album_ids)} new albums, "
+                   f"{len(held.artist_ids)} new artists (released >= {held.cutoff})")
+        res = add_entities(client, s, CatalogBuilder(s.ingest.data_dir, genres=genres, limit=limit,
+                                                     only=held.ids),
+                           alias=alias, memory_alias=_memory_alias(s, alias),
+                           embeddings=embeddings, progress=progress)
+        typer.echo(f"added {res['indexed']} documents {res['entities']} into {res['index']} "
+                   f"({res['replaced']} replaced; rejected: {res['failed'] or 'none'}) in "
+                   f"{res['seconds']} s (build {res['build_seconds']} s, embeddings "
+                   f"{res['embed_seconds']} s, index {res['index_seconds']} s)")
+        typer.echo(f"memory {res['memory_alias']}: {res['pairs']} predicted pairs created, "
+                   f"{res['pairs_existing']} already there, {res['memory_seconds']} s")
+        return
+    exclude = None
+    if hold_out_newest:
+        held = _hold_out(s.ingest.data_dir, hold_out_newest)
+        exclude = held.ids
+        typer.echo(f"holding out {len(held.track_ids)} tracks released >= {held.cutoff} "
+                   f"({len(held.album_ids)} albums, {len(held.artist_ids)} artists)")
+    builder = CatalogBuilder(s.ingest.data_dir, genres=genres, limit=limit, exclude=exclude)
     indexer = CatalogIndexer(
         client, alias=alias or s.es.catalog_alias, mappings_dir=s.ingest.mappings_dir,
         encoder=get_encoder(s.embedding) if embeddings else None,
@@ -531,8 +564,9 @@ def simulate(
     p_play: Annotated[float, typer.Option(help="P(play | click on a relevant item).")] = 0.6,
     budget: Annotated[int, typer.Option(help="Total candidate budget per request.")] = 60,
     policies: Annotated[str | None, typer.Option(
-        help="Comma list (default all): single, all_arms, hybrid_rrf, random, epsilon_greedy, "
-             "ours, arm:<template id>.")] = None,
+        help="Comma list (default: all but all_arms and ours_no_retrain): single, all_arms, "
+             "hybrid_rrf, random, epsilon_greedy, ours, ours_no_memory, ours_equal_budgets, "
+             "ours_no_rescorer, ours_no_retrain, arm:<template id>.")] = None,
     oracle: Annotated[bool, typer.Option(help="Calibrate and run the oracle (regret).")] = True,
     calibration: Annotated[int, typer.Option(help="Oracle calibration queries per query type.")] = 40,
     alias: Annotated[str | None, typer.Option(help="Catalog alias (default: es.catalog_alias).")] = None,
@@ -546,13 +580,31 @@ def simulate(
         "--report-only", help="No searches: rebuild report.json, table.md and the PNGs in --out "
                               "from its rounds.jsonl.gz.")] = False,
     retrain_every: Annotated[int, typer.Option(
-        help="Run the retraining jobs (move events, rebuild posteriors, train + promote the "
-             "ranker) for `ours` from its own click log every N rounds (0: never).")] = 200,
+        help="Run the retraining chain (move events, estimate examination, rebuild posteriors, "
+             "train + promote the ranker) for every `ours*` policy from its own click log every "
+             "N rounds (0: never).")] = 1000,
     compare_no_retrain: Annotated[bool, typer.Option(
-        help="With retraining, also run `ours_no_retrain` (same seeds, no retraining).")] = True,
+        help="Also run `ours_no_retrain` (same seeds, no retraining).")] = False,
     model_dir: Annotated[str | None, typer.Option(
-        help="Keep the per-run rescorer models of `ours` here (default: a temporary folder).")]
+        help="Keep the per-run rescorer models of `ours*` here (default: a temporary folder).")]
         = None,
+    memory_every: Annotated[int, typer.Option(
+        help="Apply each learning policy's clicks to its own memory clone every N rounds "
+             "(0: never).")] = 5,
+    move_every: Annotated[int, typer.Option(
+        help="Move each learning policy's Redis stream into its events index every N rounds "
+             "(0: never).")] = 50,
+    zipf: Annotated[float | None, typer.Option(
+        help="Zipf exponent of query popularity (when the stream supports it).")] = None,
+    static_from_fraction: Annotated[float, typer.Option(
+        help="Static policies run only rounds t >= this fraction of --rounds.")] = 2.0 / 3.0,
+    new_items_fraction: Annotated[float, typer.Option(
+        help="Held-out newest items released during the run (0: off; not wired yet).")] = 0.0,
+    workers: Annotated[int, typer.Option(help="Policies searched concurrently per round.")] = 4,
+    unseen_eval_max: Annotated[int, typer.Option(
+        help="Final no-feedback pass over at most N unseen playlist titles.")] = 200,
+    train_qu: Annotated[bool, typer.Option(
+        help="Also run the QU job on a per-policy copy of qu.model_dir (not served).")] = False,
 ) -> None:
     """Replay a stream of real-data queries (playlists, known items with typos, Last.fm tags)
     with simulated users (click models) against one live orchestrator per policy; write the
@@ -582,6 +634,9 @@ def simulate(
         oracle=oracle, calibration_per_type=calibration, genres=genres, keep_state=keep_state,
         command=" ".join(["ltrr", *sys.argv[1:]]), retrain_every=max(retrain_every, 0),
         compare_no_retrain=compare_no_retrain, model_dir=model_dir,
+        memory_every=max(memory_every, 0), move_every=max(move_every, 0), zipf=zipf,
+        static_from_fraction=static_from_fraction, new_items_fraction=new_items_fraction,
+        workers=max(workers, 1), unseen_eval_max=max(unseen_eval_max, 0), train_qu=train_qu,
     )
     sim = Simulation(cfg, s, es=client, redis=r, alias=alias)
     typer.echo(f"run {sim.run_id}: {rounds} rounds, arms {sim.arms}, sources {sim.sources.sizes()}")

@@ -221,3 +221,150 @@ class CatalogIndexer:
         for i in to_delete:
             self._drop(i)
         return old, to_delete
+
+
+# -- incremental ingestion ---------------------------------------------------------------------
+
+def _write_index(client: Elasticsearch, alias: str) -> str:
+    """The physical index writes to ``alias`` land in (its write index, or its only index)."""
+    try:
+        body = client.indices.get_alias(name=alias).body
+    except NotFoundError as exc:
+        raise IngestError(f"alias {alias!r} does not exist; run `ltrr index` first") from exc
+    writers = [i for i, a in body.items() if a.get("aliases", {}).get(alias, {}).get("is_write_index")]
+    if len(writers) == 1:
+        return writers[0]
+    if len(body) == 1:
+        return next(iter(body))
+    raise IngestError(f"alias {alias!r} points at {sorted(body)} and has no write index")
+
+
+def add_entities(es: Elasticsearch, settings: Any,
+                 builder_or_docs: CatalogBuilder | Iterable[dict[str, Any]], *,
+                 alias: str | None = None, memory_alias: str | None = None,
+                 embeddings: bool = True, encoder: Encoder | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """Add (or re-emit) entity documents to the live catalog without a rebuild.
+
+    The documents (a :class:`CatalogBuilder`, typically with ``only=HoldOut.ids``, or plain
+    builder documents) get their embeddings and bulk actions exactly as in a full build
+    (:meth:`CatalogIndexer._actions`), are written through the catalog alias into its write
+    index (existing documents are replaced; their ``exposure`` is kept), then the index is
+    refreshed and the Q2E memory is cold-started for them: their predicted pairs
+    (:func:`orchestrator.memory.predicted_pair_documents`) are created in the memory alias;
+    pairs that already exist (possibly with learned clicks) are left untouched.
+
+    ``memory_alias`` defaults to the memory of the catalog alias (``<alias>-memory``, or the
+    configured ``memory.alias`` for the configured catalog alias).
+
+    Returns counts and seconds.
+    """
+    from .embeddings import get_encoder
+    from .memory import ensure_memory_index, predicted_pair_documents
+    from .memory import memory_alias as _memory_alias
+
+    t0 = time.perf_counter()
+    cat_alias = alias or settings.es.catalog_alias
+    if memory_alias is None:
+        memory_alias = (_memory_alias(cat_alias, settings.memory.alias)
+                        if cat_alias == settings.es.catalog_alias else _memory_alias(cat_alias))
+    index = _write_index(es, cat_alias)
+    builder = builder_or_docs if isinstance(builder_or_docs, CatalogBuilder) else None
+    docs = list(builder.build() if builder is not None else builder_or_docs)
+    build_s = time.perf_counter() - t0
+
+    if encoder is None and embeddings:
+        mapping = es.indices.get_mapping(index=index).body[index]["mappings"]
+        if "embedding" in mapping.get("properties", {}):
+            encoder = get_encoder(settings.embedding)
+    indexer = CatalogIndexer(es, alias=cat_alias, mappings_dir=settings.ingest.mappings_dir,
+                             encoder=encoder, chunk_size=settings.ingest.chunk_size,
+                             thread_count=settings.ingest.thread_count,
+                             embed_batch=settings.embedding.batch_size)
+    summary = IngestSummary(index=index, alias=cat_alias)
+
+    # Keep the exposure counters of documents being replaced.
+    ids = [doc_id(d) for d in docs]
+    exposure: dict[str, int] = {}
+    for start in range(0, len(ids), 1000):
+        res = es.mget(index=cat_alias, ids=ids[start:start + 1000], source=["exposure"])
+        for d in res.body["docs"]:
+            if d.get("found"):
+                exposure[d["_id"]] = int((d.get("_source") or {}).get("exposure") or 0)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"adding to {index}", unit="doc", mininterval=1.0)
+
+    def actions() -> Iterator[dict[str, Any]]:
+        for a in indexer._actions(docs, cat_alias, summary, bar):
+            if a["_id"] in exposure:
+                a["_source"]["exposure"] = exposure[a["_id"]]
+            yield a
+
+    t1 = time.perf_counter()
+    failed_ids: set[str] = set()  # documents ES rejected get no memory pairs
+    try:
+        for ok, info in helpers.parallel_bulk(
+            es.options(request_timeout=120), actions(), thread_count=indexer.thread_count,
+            chunk_size=indexer.chunk_size, raise_on_error=False, raise_on_exception=False,
+        ):
+            if ok:
+                summary.indexed += 1
+            else:
+                item = next(iter(info.values()))
+                failed_ids.add(str(item.get("_id")))
+                err = item.get("error", {})
+                summary.failed[err.get("type", "error") if isinstance(err, dict) else str(err)] += 1
+                if sum(summary.failed.values()) <= 5:
+                    logger.warning("document %s rejected: %s", item.get("_id"), err)
+    finally:
+        if bar is not None:
+            bar.close()
+    es.indices.refresh(index=index)
+    index_s = time.perf_counter() - t1
+
+    # Cold start of the memory: the predicted pairs of the added entities.
+    t2 = time.perf_counter()
+    ensure_memory_index(es, memory_alias, mappings_dir=settings.ingest.mappings_dir)
+    prior_strength, min_score = settings.memory.prior_strength, settings.memory.min_score
+    pair_actions = []
+    for d in docs:
+        eid = doc_id(d)
+        if eid in failed_ids:
+            continue
+        for pid, pdoc in predicted_pair_documents(d, entity_id=eid, prior_strength=prior_strength,
+                                                  min_score=min_score):
+            pair_actions.append({"_op_type": "create", "_index": memory_alias, "_id": pid,
+                                 "_source": pdoc})
+    pairs = existing = pair_failed = 0
+    for ok, info in helpers.parallel_bulk(
+        es.options(request_timeout=120), pair_actions, thread_count=indexer.thread_count,
+        chunk_size=2000, raise_on_error=False, raise_on_exception=False,
+    ):
+        if ok:
+            pairs += 1
+            continue
+        item = next(iter(info.values()))
+        if item.get("status") == 409:
+            existing += 1
+        else:
+            pair_failed += 1
+            if pair_failed <= 5:
+                logger.warning("memory pair %s rejected: %s", item.get("_id"), item.get("error"))
+    es.indices.refresh(index=memory_alias)
+    memory_s = time.perf_counter() - t2
+
+    kinds = Counter(d["entity_type"] for d in docs)
+    return {
+        "alias": cat_alias, "index": index, "docs": len(docs), "entities": dict(kinds),
+        "indexed": summary.indexed, "replaced": len(exposure), "failed": dict(summary.failed),
+        "memory_alias": memory_alias, "pairs": pairs, "pairs_existing": existing,
+        "pairs_failed": pair_failed,
+        "build_report": builder.report.as_dict() if builder is not None else {},
+        "build_seconds": round(build_s, 2), "embed_seconds": round(summary.embed_seconds, 2),
+        "index_seconds": round(index_s, 2), "memory_seconds": round(memory_s, 2),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

@@ -164,6 +164,19 @@ class PolicySpec:
     plan: Mapping[str, int] = field(default_factory=dict)
     plans: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     rescorer: str = "default"
+    #: Learning parts of an ``ours`` policy (ablations switch one off).
+    memory: bool = True
+    retrain: bool = True
+    ranker: bool = True
+    budget_mode: str | None = None
+    #: Seeds (selector, request ids) of this policy (default: its own name); ablations
+    #: share ``ours``'s.
+    seed_as: str | None = None
+
+    @property
+    def learns(self) -> bool:
+        """An ``ours`` variant: its own memory clone, event log, models and jobs."""
+        return self.kind == "ours"
 
     def max_candidates(self, total_budget: int) -> int:
         """The most candidates one request of this policy can fetch (the union's bound)."""
@@ -172,6 +185,23 @@ class PolicySpec:
         if self.kind == "oracle":
             return max((sum(p.values()) for p in self.plans.values()), default=total_budget)
         return total_budget
+
+
+#: Ablations of ``ours`` (same seeds as ``ours``: they differ by the switched-off part only).
+ABLATIONS: tuple[PolicySpec, ...] = (
+    PolicySpec("ours_no_memory", "ours", memory=False, seed_as="ours"),
+    PolicySpec("ours_equal_budgets", "ours", budget_mode="equal", seed_as="ours"),
+    PolicySpec("ours_no_rescorer", "ours", ranker=False, seed_as="ours"),
+    PolicySpec("ours_no_retrain", "ours", retrain=False, seed_as="ours"),
+)
+
+#: Available by name, not in the default set.
+NOT_DEFAULT = frozenset({"all_arms", "ours_no_retrain"})
+
+
+def is_static(spec: PolicySpec) -> bool:
+    """Policies that do not learn (single arms, hybrid_rrf, all_arms, oracle, random)."""
+    return spec.kind in ("fixed", "oracle", "random")
 
 
 def standard_policies(arms: Sequence[str], *, total_budget: int,
@@ -186,7 +216,10 @@ def standard_policies(arms: Sequence[str], *, total_budget: int,
         PolicySpec("random", "random"),
         PolicySpec("epsilon_greedy", "epsilon_greedy"),
         PolicySpec("ours", "ours"),
+        *ABLATIONS,
     ]
+    if not include:
+        specs = [s for s in specs if s.name not in NOT_DEFAULT]
     if include:
         wanted = set(include)
         specs = [s for s in specs if s.name in wanted or (s.kind == "fixed" and s.name.startswith("arm:")

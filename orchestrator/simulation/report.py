@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 METRICS: tuple[str, ...] = ("ndcg", "success", "mrr", "cand_recall", "cand_hit", "clicked")
 #: Policies that learn or randomise (their arm shares over time are plotted).
 ADAPTIVE = ("ours", "ours_no_retrain", "epsilon_greedy", "random")
+#: Measured outside the project (bm25s over tracks' title + artists + album + own genres, on
+#: the dev playlist titles): the reference for the unseen-playlist pass.
+REFERENCE_BM25_SUCCESS_AT_10 = 0.159
+BANDS: tuple[str, ...] = ("head", "torso", "tail")
 #: Reward per round (regret is computed on it).
 REWARD = "ndcg"
 
@@ -123,13 +127,115 @@ def ope_section(per: Mapping[str, Sequence[Mapping[str, Any]]], plans: Mapping[s
     return out
 
 
+def is_stream(r: Mapping[str, Any]) -> bool:
+    """A scored stream round (not the final unseen-playlist pass)."""
+    return r.get("phase", "stream") != "unseen"
+
+
+def row_key(r: Mapping[str, Any]) -> str:
+    """The query's normalised key (the stream's ``key``; else the lower-cased text)."""
+    return r.get("key") or " ".join(str(r.get("query", "")).lower().split())
+
+
+def last_third_start(n_rounds: int) -> int:
+    return int(np.ceil(2 * n_rounds / 3))
+
+
+def reference_rows(per: Mapping[str, Sequence[Mapping[str, Any]]]) -> Sequence[Mapping[str, Any]]:
+    """One policy's stream rows covering the whole stream (``ours`` if present, else the
+    policy with the most rows): the key frequencies are computed on it."""
+    if not per:
+        return []
+    if "ours" in per:
+        return per["ours"]
+    return max(per.values(), key=len)
+
+
+def key_bands(rows: Sequence[Mapping[str, Any]], *, head_fraction: float = 0.01) -> dict[str, str]:
+    """``{key: band}``: head = the top ``head_fraction`` of distinct keys by count (at least
+    one, only keys seen more than once), tail = keys seen once, torso = the rest."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[row_key(r)] += 1
+    order = sorted(counts, key=lambda k: (-counts[k], k))
+    n_head = max(int(np.ceil(head_fraction * len(order))), 1) if order else 0
+    head = {k for k in order[:n_head] if counts[k] > 1}
+    return {k: "head" if k in head else "tail" if c == 1 else "torso" for k, c in counts.items()}
+
+
+def repeated_share(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """Share of rounds whose key appeared in an earlier round."""
+    seen: set[str] = set()
+    rep = 0
+    for r in sorted(rows, key=lambda r: r["t"]):
+        k = row_key(r)
+        rep += k in seen
+        seen.add(k)
+    return _r(rep / len(rows)) if rows else None
+
+
+def new_items_section(per: Mapping[str, Sequence[Mapping[str, Any]]], *, release_at: int) -> dict[str, Any]:
+    """Per policy: distinct new (held-out) items shown / clicked, and the rounds from their
+    release to the first show and the first click (median, p90)."""
+    out: dict[str, Any] = {}
+    for name, rows in per.items():
+        first_show: dict[str, int] = {}
+        first_click: dict[str, int] = {}
+        for r in rows:
+            for i in r.get("new_shown") or ():
+                first_show.setdefault(i, r["t"])
+            for i in r.get("new_clicked") or ():
+                first_click.setdefault(i, r["t"])
+
+        def delays(first: Mapping[str, int]) -> dict[str, Any]:
+            d = [max(t - release_at, 0) for t in first.values()]
+            return {"median": _r(float(np.median(d)), 1) if d else None,
+                    "p90": _r(float(np.percentile(d, 90)), 1) if d else None}
+
+        out[name] = {"n_shown": len(first_show), "n_clicked": len(first_click),
+                     "rounds_to_first_show": delays(first_show),
+                     "rounds_to_first_click": delays(first_click),
+                     "rounds_with_new_relevant": sum(1 for r in rows if r.get("n_new_relevant"))}
+    return out
+
+
+def paired_tests(per: Mapping[str, Sequence[Mapping[str, Any]]], pairs: Sequence[tuple[str, str]], *,
+                 t_from: int, metrics: Sequence[str] = ("success", "ndcg")) -> list[dict[str, Any]]:
+    """``a`` minus ``b`` on their common rounds ``t >= t_from`` with the paired sign-flip test."""
+    out = []
+    for a, b in pairs:
+        if a not in per or b not in per:
+            continue
+        other = {r["t"]: r for r in per[b] if r["t"] >= t_from}
+        common = [(r, other[r["t"]]) for r in per[a] if r["t"] in other]
+        entry: dict[str, Any] = {"a": a, "b": b, "n": len(common), "from_round": t_from}
+        for m in metrics:
+            d = [x[m] - y[m] for x, y in common]
+            entry[m] = {"a": _r(_mean([x[m] for x, _ in common])),
+                        "b": _r(_mean([y[m] for _, y in common])),
+                        "difference": _r(_mean(d)), "p_value": paired_p_value(d)}
+        out.append(entry)
+    return out
+
+
+def best_static(policies: Mapping[str, Any], *, part: str = "last_third",
+                metric: str = REWARD) -> str | None:
+    """The static policy (single arm or hybrid) with the best ``metric`` on ``part``."""
+    cand = [((policies[n][part]["overall"] if part == "last_third" else policies[n]["overall"]
+              ).get(metric), n) for n in static_policies(policies)]
+    cand = [(v, n) for v, n in cand if v is not None]
+    return max(cand)[1] if cand else None
+
+
 def build_report(result: Any) -> dict[str, Any]:
     """The whole report of a :class:`SimResult` (JSON-able)."""
     rows = [asdict(r) for r in result.records]
     return report_from_rows(rows, config=result.config.as_dict(), oracle_plans=result.oracle_plans,
                             calibration=result.calibration, arms=result.arms,
                             query_counts=result.query_counts, source_sizes=result.source_sizes,
-                            seconds=result.seconds, retrains=result.retrains)
+                            seconds=result.seconds, retrains=result.retrains,
+                            learning=getattr(result, "learning", None),
+                            notes=getattr(result, "notes", None))
 
 
 def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, Any],
@@ -137,9 +243,15 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
                      arms: Sequence[str], query_counts: Mapping[str, int],
                      source_sizes: Mapping[str, int], seconds: Mapping[str, float],
                      n_windows: int = 10,
-                     retrains: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+                     retrains: Sequence[Mapping[str, Any]] = (),
+                     learning: Mapping[str, Any] | None = None,
+                     notes: Sequence[str] | None = None) -> dict[str, Any]:
+    unseen_rows = [r for r in rows if not is_stream(r)]
+    rows = [r for r in rows if is_stream(r)]  # every stream metric below: phase "stream" only
     per = by_policy(rows)
     n_rounds = int(config.get("rounds") or (max(r["t"] for r in rows) + 1 if rows else 0))
+    t3 = last_third_start(n_rounds)
+    bands = key_bands(reference_rows(per))
     oracle = {r["t"]: r[REWARD] for r in per.get("oracle", [])}
     policies: dict[str, Any] = {}
     edges = np.linspace(0, n_rounds, n_windows + 1).astype(int)
@@ -160,6 +272,13 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
                             "mix": {t: _r(_mean([float(r["qtype"] == t) for r in w]), 3) for t in QUERY_TYPES},
                             "arm_share": share})
         entry["over_time"] = windows
+        late = [r for r in prow if r["t"] >= t3]
+        entry["last_third"] = {"overall": summarize(late),
+                               "by_type": {t: summarize([r for r in late if r["qtype"] == t])
+                                           for t in QUERY_TYPES}}
+        entry["bands"] = {b: {"all": summarize([r for r in prow if bands.get(row_key(r)) == b]),
+                              "last_third": summarize([r for r in late if bands.get(row_key(r)) == b])}
+                          for b in BANDS}
         policies[name] = entry
     verdicts = []
     statics = static_policies(per)
@@ -176,8 +295,31 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
             verdicts.append({"qtype": t, "metric": REWARD, "ours": ours_v, "best_static": best,
                              "best_static_value": best_v, "difference": _r(ours_v - best_v),
                              "ours_wins": bool(ours_v > best_v)})
+    best = best_static(policies)
+    ablations = sorted(n for n in per if n.startswith("ours_"))
+    pairs = [("ours", a) for a in ablations] + ([("ours", best)] if best else [])
+    unseen_per = by_policy(unseen_rows)
+    release_at = int(float(config.get("release_at_fraction") or 0.0) * n_rounds)
+    ref = reference_rows(per)
+    band_counts = defaultdict(int)
+    for r in ref:
+        band_counts[bands.get(row_key(r), "tail")] += 1
     return {
         "config": dict(config), "arms": list(arms), "source_sizes": dict(source_sizes),
+        "last_third_from_round": t3,
+        "best_static_last_third": best,
+        "repeated_share": repeated_share(ref),
+        "band_rounds": {b: band_counts.get(b, 0) for b in BANDS},
+        "band_keys": {b: sum(1 for v in bands.values() if v == b) for b in BANDS},
+        "paired_last_third": paired_tests(per, pairs, t_from=t3),
+        "unseen_playlists": {
+            "reference_bm25_success_at_10": REFERENCE_BM25_SUCCESS_AT_10,
+            "policies": {n: {"n": len(v), "success_at_10": _r(_mean([r["success"] for r in v])),
+                             "ndcg_at_10": _r(_mean([r["ndcg"] for r in v]))}
+                         for n, v in unseen_per.items()}},
+        "new_items": new_items_section(per, release_at=release_at),
+        "learning": dict(learning or {}),
+        "notes": list(notes or []),
         "query_counts": dict(query_counts), "seconds": dict(seconds),
         "reward": f"{REWARD}@{config.get('display', 10)} (regret = oracle reward - policy reward, per round)",
         "oracle_plans": {k: dict(v) for k, v in oracle_plans.items()},
@@ -252,6 +394,47 @@ def table(report: Mapping[str, Any], *, metric_cols: Sequence[str] = ("success",
         cells = [f"{bt[t].get('ndcg', float('nan')) or 0:.3f}" if bt[t].get("n") else "-" for t in QUERY_TYPES]
         cells += [f"{bt[t].get('success', float('nan')) or 0:.3f}" if bt[t].get("n") else "-" for t in QUERY_TYPES]
         lines.append("| " + " | ".join([n, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def last_third_table(report: Mapping[str, Any], *, metric: str = "success") -> str:
+    """Markdown: ``metric``@10 on the last third of the stream, by query type and band."""
+    pol = report["policies"]
+    if not any("last_third" in v for v in pol.values()):
+        return ""
+    names = sorted(pol, key=lambda n: (n == "oracle",
+                                       -((pol[n].get("last_third") or {}).get("overall", {}).get(metric) or 0)))
+    head = ["policy (last third)", "n", "all", *QUERY_TYPES, *BANDS]
+    lines = [f"{metric}@10 on rounds >= {report.get('last_third_from_round', '?')} "
+             "(bands: key frequency over the stream)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(d: Mapping[str, Any]) -> str:
+        return f"{d[metric]:.3f}" if d.get("n") and d.get(metric) is not None else "-"
+
+    for n in names:
+        lt = pol[n].get("last_third") or {"overall": {}, "by_type": {}}
+        bands = pol[n].get("bands") or {}
+        lines.append("| " + " | ".join([
+            n, str(lt["overall"].get("n", 0)), cell(lt["overall"]),
+            *(cell(lt["by_type"].get(t, {})) for t in QUERY_TYPES),
+            *(cell((bands.get(b) or {}).get("last_third", {})) for b in BANDS)]) + " |")
+    tests = report.get("paired_last_third") or []
+    if tests:
+        lines += ["", "| a - b (last third) | n | success diff (p) | nDCG diff (p) |", "|---|---|---|---|"]
+        for e in tests:
+            def pv(x: Any) -> str:
+                return "-" if x is None else f"{x:.3f}"
+            lines.append(f"| {e['a']} - {e['b']} | {e['n']} | "
+                         f"{(e['success']['difference'] or 0):+.3f} ({pv(e['success']['p_value'])}) | "
+                         f"{(e['ndcg']['difference'] or 0):+.3f} ({pv(e['ndcg']['p_value'])}) |")
+    un = (report.get("unseen_playlists") or {}).get("policies") or {}
+    if un:
+        lines += ["", f"Unseen playlist titles (no feedback; reference BM25 success@10 = "
+                      f"{REFERENCE_BM25_SUCCESS_AT_10}):", "",
+                  "| policy | n | success@10 | nDCG@10 |", "|---|---|---|---|"]
+        for n, d in sorted(un.items(), key=lambda kv: -(kv[1]["success_at_10"] or 0)):
+            lines.append(f"| {n} | {d['n']} | {d['success_at_10']} | {d['ndcg_at_10']} |")
     return "\n".join(lines)
 
 
@@ -343,7 +526,8 @@ def rebuild(out_dir: Path, *, plots: bool = True) -> dict[str, Any]:
         rows, config=old["config"], oracle_plans=old["oracle_plans"],
         calibration=old.get("oracle_calibration_top10", {}), arms=old["arms"],
         query_counts=old["query_counts"], source_sizes=old["source_sizes"], seconds=old["seconds"],
-        retrains=old.get("retraining", {}).get("runs", []))
+        retrains=old.get("retraining", {}).get("runs", []), learning=old.get("learning"),
+        notes=old.get("notes"))
     return _write(report, rows, out_dir, plots=plots)
 
 
@@ -354,7 +538,7 @@ def _write(report: dict[str, Any], rows: Sequence[Mapping[str, Any]], out_dir: P
         files += plot_all(report, rows, out_dir)
     report["files"] = files
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    parts = [table(report), retrain_table(report), ope_table(report)]
+    parts = [table(report), last_third_table(report), retrain_table(report), ope_table(report)]
     (out_dir / "table.md").write_text("\n\n".join(p for p in parts if p) + "\n", encoding="utf-8")
     return report
 
@@ -365,11 +549,16 @@ def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per = by_policy(rows)
+    per = by_policy([r for r in rows if is_stream(r)])
     oracle = {r["t"]: r[REWARD] for r in per.get("oracle", [])}
-    names = sorted(per)
+    all_names = sorted(per)
+    best = report.get("best_static_last_third")
+    # fewer lines: ours, its ablations, the oracle and the best static policy
+    names = [n for n in all_names if n == "ours" or n.startswith("ours_") or n == "oracle"
+             or n == best] or all_names
+    start = max((per[n][0]["t"] for n in names if per[n]), default=0)
     cmap = plt.get_cmap("tab20")
-    colors = {n: cmap(i % 20) for i, n in enumerate(names)}
+    colors = {n: cmap(i % 20) for i, n in enumerate(all_names)}
     files = []
 
     def style(n: str) -> dict[str, Any]:
@@ -382,7 +571,8 @@ def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_d
         """One line per policy: the running sum of ``value(round record)``."""
         fig, ax = plt.subplots(figsize=(10, 6))
         for n in policies:
-            ax.plot([r["t"] + 1 for r in per[n]], np.cumsum([value(r) for r in per[n]]),
+            pr = [r for r in per[n] if r["t"] >= start]  # the rounds every plotted policy ran
+            ax.plot([r["t"] + 1 for r in pr], np.cumsum([value(r) for r in pr]),
                     label=n, **style(n))
         if zero_line:
             ax.axhline(0, color="black", linewidth=0.8)
@@ -425,6 +615,7 @@ def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_d
         plt.close(fig)
         files.append("arm_share.png")
 
+    files += _extra_plots(plt, report, per, out_dir, names=names, colors=colors)
     pol = report["policies"]
     types = [t for t in QUERY_TYPES if any(pol[n]["by_type"][t].get("n") for n in names)]
     fig, axes = plt.subplots(1, 2, figsize=(16, 5.5))
@@ -442,4 +633,59 @@ def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_d
     fig.savefig(out_dir / "success_by_type.png", dpi=110)
     plt.close(fig)
     files.append("success_by_type.png")
+    return files
+
+
+def _windowed(rows: Sequence[Mapping[str, Any]], metric: str, *, window: int) -> tuple[list[float], list[float]]:
+    """Trailing means of ``metric`` over ``window`` rows (x: round of the window's end)."""
+    if not rows:
+        return [], []
+    v = np.asarray([r[metric] for r in rows], dtype=float)
+    w = max(min(window, len(v)), 1)
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    means = (c[w:] - c[:-w]) / w
+    return [float(rows[i + w - 1]["t"] + 1) for i in range(len(means))], means.tolist()
+
+
+def _extra_plots(plt: Any, report: Mapping[str, Any], per: Mapping[str, Sequence[Mapping[str, Any]]],
+                 out_dir: Path, *, names: Sequence[str], colors: Mapping[str, Any]) -> list[str]:
+    """A learning curve per key band (windowed success@10) and ours' arm shares over time
+    per query type."""
+    files: list[str] = []
+    bands = key_bands(reference_rows(per))
+    fig, axes = plt.subplots(1, len(BANDS), figsize=(6 * len(BANDS), 4.5), squeeze=False)
+    for ax, b in zip(axes[0], BANDS):
+        for n in names:
+            rows = [r for r in per[n] if bands.get(row_key(r)) == b]
+            x, y = _windowed(rows, "success", window=max(len(rows) // 15, 20))
+            ax.plot(x, y, label=n, color=colors.get(n), linewidth=2.2 if n == "ours" else 1.1)
+        ax.set_title(f"{b}: success@10 (trailing window)")
+        ax.set_xlabel("round")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "learning_by_band.png", dpi=110)
+    plt.close(fig)
+    files.append("learning_by_band.png")
+    ours = per.get("ours") or []
+    if ours:
+        arms = list(report["arms"])
+        fig, axes = plt.subplots(1, len(QUERY_TYPES), figsize=(6 * len(QUERY_TYPES), 4.5),
+                                 squeeze=False)
+        for ax, t in zip(axes[0], QUERY_TYPES):
+            rows = [r for r in ours if r["qtype"] == t]
+            for a in arms:
+                marked = [{"t": r["t"], "x": float(a in r["arms"])} for r in rows]
+                x, y = _windowed(marked, "x", window=max(len(rows) // 15, 20))
+                ax.plot(x, y, label=a)
+            ax.set_title(f"ours, {t}: share of requests running each arm")
+            ax.set_xlabel("round")
+            ax.set_ylim(0, 1.05)
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "ours_arm_share_by_type.png", dpi=110)
+        plt.close(fig)
+        files.append("ours_arm_share_by_type.png")
     return files

@@ -24,15 +24,21 @@ the explore arm) and a seeded selector, posteriors are reloaded synchronously
 (``refresh_interval_s=0``) and the rescorer is only reloaded right after a retraining, so
 the same ``seed`` gives the same per-round results (up to Elasticsearch time-outs).
 
-Retraining (``retrain_every=N``): after every ``N`` rounds the production retraining jobs
-run for ``ours`` on its own click log (:mod:`orchestrator.tasks` ``run_*``): its Redis
-stream is moved into a per-run events index, its bandit posteriors are rebuilt from the log
-and swapped in, and the ranker is trained and promoted (production rule: only when it beats
-the model in use on the newest held-out slice) into a per-run model folder that ``ours``
-then reloads. The Q2E memory job is never run (it writes into the shared catalog index) and
-neither is the QU job (it writes the shared QU model folder). ``ours_no_retrain`` is the
-same policy with the same seeds and no retraining, so the difference between the two is the
-effect of the retraining.
+Learning (every ``ours*`` policy, each with its own state: Redis prefix, events alias,
+rescorer folder and a clone of the catalog's memory index ``ltrr-sim-<run>-memory-<policy>``
+behind ``<index>-alias``), through the production job functions of :mod:`orchestrator.tasks`:
+``run_update_memory`` every ``memory_every`` rounds, ``run_move_events`` every ``move_every``
+rounds and the chain (move_events, estimate_examination, rebuild_posteriors, train_ranker;
+train_qu only with ``train_qu``, on a per-policy copy of the QU folder, never served: the
+understander is shared) every ``retrain_every`` rounds. Ablations share ``ours``'s seeds:
+``ours_no_memory`` (no memory updates; its clone still serves the seeded pairs),
+``ours_equal_budgets`` (bandit ``budget_mode="equal"``), ``ours_no_rescorer`` (no
+train_ranker, default rescorer) and, by name only, ``ours_no_retrain``.
+
+Cost: the policies of a round run concurrently (``workers`` threads; each orchestrator is
+used by one thread at a time and the records are collected in policy order); static
+policies only run from ``static_from_fraction * rounds`` on. After the stream, a final pass
+over ``sources.playlists_unseen`` (``phase="unseen"``, no feedback) for every policy.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ import numpy as np
 from ..arms import applicable, build_requests
 from ..domain import ArmResult
 from ..errors import OrchestratorError
+from ..memory import memory_alias
 from ..merging import UnionMerger
 from ..pipeline import Orchestrator
 from ..rescoring import FeatureExtractor, LinearRescorer
@@ -64,6 +71,7 @@ from .policies import (
     PolicySpec,
     best_plans,
     candidate_subsets,
+    is_static,
     rrf_rescorer,
     standard_policies,
 )
@@ -101,10 +109,34 @@ class SimConfig:
     command: str = ""
     #: Redis keys of the run live under ``<prefix_root><run id>:<policy>:``.
     prefix_root: str = "sim:"
-    #: Run the retraining jobs for ``ours`` after every this many rounds (0: never).
-    retrain_every: int = 0
-    #: With retraining, also run ``ours_no_retrain`` (same seeds, no retraining).
-    compare_no_retrain: bool = True
+    #: Run the retraining chain (estimate_examination, rebuild_posteriors, train_ranker;
+    #: train_qu with ``train_qu``) for every ``ours*`` policy after every this many rounds
+    #: (0: never).
+    retrain_every: int = 1000
+    #: With retraining, also run ``ours_no_retrain`` (same seeds, no retraining) even when
+    #: not named in ``policies``.
+    compare_no_retrain: bool = False
+    #: Apply the click log to each learning policy's own memory clone every N rounds (0: never).
+    memory_every: int = 5
+    #: Move each learning policy's Redis stream into its events index every N rounds (0: never).
+    move_every: int = 50
+    #: Also run the QU retraining job on a per-policy copy of ``qu.model_dir`` (its
+    #: promotions are not served: every policy shares one loaded understander).
+    train_qu: bool = False
+    #: Concurrent policies per round (each orchestrator is used by one thread at a time).
+    workers: int = 4
+    #: Static policies (single arms, hybrid_rrf, all_arms, oracle, random) only run the rounds
+    #: ``t >= static_from_fraction * rounds`` (they do not learn: the last third compares exactly).
+    static_from_fraction: float = 2.0 / 3.0
+    #: Final evaluation pass (no feedback) over at most this many unseen playlist titles.
+    unseen_eval_max: int = 200
+    #: Query popularity (Zipf exponent) and simulated users, passed to the stream when it
+    #: supports them (None: its default).
+    zipf: float | None = None
+    n_users: int | None = None
+    #: New-item ingestion (held-out newest items released during the run; 0: off).
+    new_items_fraction: float = 0.0
+    release_at_fraction: float = 0.33
     #: Folder for the per-run rescorer models of ``ours`` (default: a temporary folder,
     #: deleted at the end unless ``keep_state``).
     model_dir: str | None = None
@@ -144,6 +176,16 @@ class RoundRecord:
     subset_propensity_indep: float = 1.0
     #: Version of the rescorer that ranked this round (0: the default model).
     rescorer_version: int = 0
+    #: The query's normalised key, simulated user and need (from the stream, "" if absent).
+    key: str = ""
+    user: str = ""
+    need: str = ""
+    #: ``stream`` (scored rounds, feedback sent) | ``unseen`` (final pass, no feedback).
+    phase: str = "stream"
+    #: Held-out (new) items among the shown top-``display`` / the clicked ones.
+    new_shown: list[str] = field(default_factory=list)
+    new_clicked: list[str] = field(default_factory=list)
+    n_new_relevant: int = 0
 
 
 @dataclass
@@ -158,6 +200,9 @@ class SimResult:
     seconds: dict[str, float]
     queries: list[dict[str, Any]]
     retrains: list[dict[str, Any]] = field(default_factory=list)
+    #: Per learning policy: totals of the memory / move jobs and the memory clone used.
+    learning: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 #: Per-arm Elasticsearch time-out in simulations (serving default: 500ms).
@@ -173,7 +218,7 @@ def newest_arms_registry(folder: Path) -> TemplateRegistry:
 
 def sim_settings(settings: Any, *, prefix: str, alias: str | None, max_results: int,
                  events_alias: str | None = None, model_dir: Path | None = None,
-                 display: int | None = None) -> Any:
+                 display: int | None = None, memory_alias: str | None = None) -> Any:
     """``settings`` for one policy: its Redis prefix, the catalog alias, and for a retrained
     policy its own events alias, rescorer folder and no time decay of the posteriors (the
     simulation has no calendar time: a run lasts minutes, so wall-clock decay would only
@@ -192,10 +237,49 @@ def sim_settings(settings: Any, *, prefix: str, alias: str | None, max_results: 
     if model_dir is not None:
         update["rescorer"] = settings.rescorer.model_copy(update={"model_dir": model_dir})
         update["bandit"] = settings.bandit.model_copy(update={"rebuild_half_life_days": None})
+    if memory_alias is not None and getattr(settings, "memory", None) is not None:
+        update["memory"] = settings.memory.model_copy(update={"alias": memory_alias})
     if display is not None and getattr(settings, "examination", None) is not None:
         # Swap interventions only within what simulated users are shown.
         update["examination"] = settings.examination.model_copy(update={"max_position": display})
     return settings.model_copy(update=update)
+
+
+class SharedEncoder:
+    """One query encoder for every policy, caching the vectors by text (every policy of a
+    round encodes the same query: once instead of once per policy; same vectors)."""
+
+    def __init__(self, factory: Callable[[], Any], *, max_size: int = 50000) -> None:
+        import threading
+
+        self._factory = factory
+        self._encoder: Any = None
+        self._cache: dict[str, Any] = {}
+        self._max = max_size
+        self._lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str]) -> list[Any]:
+        out: list[Any] = []
+        for text in texts:
+            with self._lock:
+                vec = self._cache.get(text)
+                if vec is None:
+                    if self._encoder is None:
+                        self._encoder = self._factory()
+                    vec = self._encoder.encode([text])[0]
+                    if len(self._cache) >= self._max:
+                        self._cache.clear()
+                    self._cache[text] = vec
+            out.append(vec)
+        return out
+
+
+def _supported(cls: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The non-None ``kwargs`` that ``cls``'s constructor accepts."""
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    return {k: v for k, v in kwargs.items() if v is not None and k in params}
 
 
 def seeded_request_ids(seed: Sequence[int]) -> Callable[[], str]:
@@ -255,11 +339,23 @@ class Simulation:
         self.arms = sorted(t.id for t in self.registry)
         self.click_model: ClickModel = make_click_model(config.click_model, **config.click_params)
         self.stream = QueryStream(self.sources, mix=config.mix, drift_to=config.drift_to,
-                                  seed=config.seed, p_typo=config.p_typo, p_partial=config.p_partial)
+                                  seed=config.seed, p_typo=config.p_typo, p_partial=config.p_partial,
+                                  **_supported(QueryStream, {"zipf": config.zipf,
+                                                             "n_users": config.n_users}))
         self._understander = understander
+
+        def _factory() -> Any:
+            from ..embeddings import get_encoder
+
+            return get_encoder(settings.embedding)
+
+        self.encoder = SharedEncoder(_factory)
         self.prefixes: list[str] = []
         self.model_dirs: list[Path] = []
         self.retrain_settings: dict[str, Any] = {}
+        #: Learning policy -> its memory clone alias.
+        self.memory_clones: dict[str, str] = {}
+        self.notes: list[str] = []
 
     # -- construction --------------------------------------------------------------------
     def prefix(self, policy: str) -> str:
@@ -270,27 +366,81 @@ class Simulation:
         """The per-run events alias of a retrained policy (lower case, as ES requires)."""
         return f"ltrr-sim-events-{self.run_id}-{policy.replace(':', '_')}".lower()
 
+    def memory_index(self, policy: str) -> str:
+        """The physical index of a learning policy's memory clone."""
+        return f"ltrr-sim-{self.run_id}-memory-{policy.replace(':', '_')}".lower()
+
+    def clone_memories(self, policies: Sequence[str]) -> None:
+        """Clone the catalog's memory index once per learning policy (``_clone`` needs the
+        source write-blocked: blocked for the clones, unblocked in a ``finally``); each clone
+        gets the alias ``<index>-alias``. Without a source memory index the policies start
+        from empty ones (created by the updater)."""
+        if not policies:
+            return
+        catalog = self.alias or self.settings.es.catalog_alias
+        src_alias = memory_alias(catalog, getattr(self.settings.memory, "alias", None))
+        sources: list[str] = []
+        if self.es.indices.exists_alias(name=src_alias):
+            sources = sorted(self.es.indices.get_alias(name=src_alias))
+        elif self.es.indices.exists(index=src_alias):
+            sources = [src_alias]
+        src = sources[0] if sources else None
+        if len(sources) > 1:
+            self.notes.append(f"memory alias {src_alias} points at {sources}: cloned {src}")
+        for name in policies:
+            self.memory_clones[name] = f"{self.memory_index(name)}-alias"
+        if src is None:
+            self.notes.append(f"no memory index behind {src_alias}: policies start empty")
+            return
+        try:
+            self.es.indices.put_settings(index=src, settings={"index.blocks.write": True})
+            for name in policies:
+                target = self.memory_index(name)
+                self.es.indices.clone(index=src, target=target,
+                                      settings={"index.number_of_replicas": 0},
+                                      aliases={self.memory_clones[name]: {"is_write_index": True}},
+                                      wait_for_active_shards="1")
+        finally:
+            self.es.indices.put_settings(index=src, settings={"index.blocks.write": None})
+        for name in policies:
+            self.es.indices.put_settings(index=self.memory_index(name),
+                                         settings={"index.blocks.write": None})
+        self.es.indices.refresh(index=",".join(self.memory_index(n) for n in policies))
+
+    def memory_pairs(self, policy: str) -> int:
+        """Documents in a policy's memory clone (0 when it does not exist)."""
+        alias = self.memory_clones.get(policy)
+        if not alias or not self.es.indices.exists_alias(name=alias):
+            return 0
+        self.es.indices.refresh(index=alias)
+        return int(self.es.count(index=alias)["count"])
+
     def _build(self, spec: PolicySpec, *, index: int, plan: Mapping[str, int] | None = None,
-               suffix: str = "", retrain: bool = False) -> Orchestrator:
+               suffix: str = "", retrain: bool | None = None) -> Orchestrator:
         c = self.config
         prefix = self.prefix(spec.name + suffix)
         self.prefixes.append(prefix)
+        learns = spec.learns if retrain is None else retrain
         model_dir: Path | None = None
-        if retrain:
+        if learns:
             model_dir = self._model_dir(spec.name)
         s = sim_settings(self.settings, prefix=prefix, alias=self.alias,
                          max_results=max(spec.max_candidates(c.total_budget), c.total_budget),
-                         events_alias=self.events_alias(spec.name) if retrain else None,
-                         model_dir=model_dir, display=c.display)
+                         events_alias=self.events_alias(spec.name) if learns else None,
+                         model_dir=model_dir, display=c.display,
+                         memory_alias=self.memory_clones.get(spec.name) if learns else None)
         rescorer: LinearRescorer | None = (
             rrf_rescorer() if spec.rescorer == "rrf" else LinearRescorer.default())
         rescoring: dict[str, Any] | None = None
-        if retrain:
+        if learns and spec.ranker and spec.retrain:
             # Promoted models are picked up right after each retraining (reload_rescorer(
             # force=True)), never on a wall-clock timer: reproducible.
             rescorer, rescoring = None, {"model_dir": str(model_dir), "reload_interval_s": 1e12}
         seed = c.seed * 1000 + index
-        bandit = {"total_budget": c.total_budget, "seed": seed, "refresh_interval_s": 0.0}
+        bandit: dict[str, Any] = {"total_budget": c.total_budget, "seed": seed,
+                                  "refresh_interval_s": 0.0}
+        if spec.budget_mode:
+            bandit["budget_mode"] = spec.budget_mode
         selector: Any = None
         if spec.kind in ("fixed", "oracle"):
             selector = FixedPlanSelector(plan if plan is not None else spec.plan)
@@ -309,13 +459,14 @@ class Simulation:
                                           understander=self._understander, registry=self.registry,
                                           selector=selector, rescorer=rescorer, bandit=bandit,
                                           rescoring=rescoring,
+                                          encoder_factory=lambda: self.encoder,
                                           # An arm cut short by the serving time-out would make
                                           # a round depend on machine load: give it time here.
                                           resilience={"arm_timeout": SIM_ARM_TIMEOUT},
                                           request_id_factory=seeded_request_ids((c.seed, index, 7)))
         if self._understander == "auto":
             self._understander = orch.understander
-        if retrain:
+        if learns:
             self.retrain_settings[spec.name] = s
         return orch
 
@@ -330,35 +481,101 @@ class Simulation:
         return path
 
     # -- retraining ----------------------------------------------------------------------
-    def retrain(self, name: str, orch: Orchestrator, *, t: int) -> dict[str, Any]:
-        """Run the retraining jobs for policy ``name`` on its own log (module docstring)."""
-        from ..tasks import run_move_events, run_rebuild_posteriors, run_train_ranker
+    def retrain(self, name: str, orch: Orchestrator, *, t: int,
+                spec: PolicySpec | None = None) -> dict[str, Any]:
+        """Run the retraining chain for policy ``name`` on its own log (module docstring):
+        move_events, estimate_examination, rebuild_posteriors, train_ranker (unless the
+        policy's ``ranker`` is off), train_qu (``config.train_qu``, on a per-policy copy)."""
+        from ..tasks import (
+            run_estimate_examination,
+            run_move_events,
+            run_rebuild_posteriors,
+            run_train_qu,
+            run_train_ranker,
+        )
 
         s = self.retrain_settings[name]
+        ranker = spec.ranker if spec is not None else True
         out: dict[str, Any] = {"after_round": t + 1, "policy": name,
                                "rescorer_version_before": orch.rescorer_version}
         t0 = time.perf_counter()
-        steps = (("move_events", run_move_events), ("rebuild_posteriors", run_rebuild_posteriors),
-                 ("train_ranker", run_train_ranker))
+        steps: list[tuple[str, Any]] = [("move_events", run_move_events),
+                                        ("estimate_examination", run_estimate_examination),
+                                        ("rebuild_posteriors", run_rebuild_posteriors)]
+        if ranker:
+            steps.append(("train_ranker", run_train_ranker))
+        else:
+            out["train_ranker"] = {"skipped": "ablation: no ranker training", "promoted": False}
+        qu_s = self._qu_settings(name, s) if self.config.train_qu else None
+        if qu_s is not None:
+            steps.append(("train_qu", lambda _s, es, r: run_train_qu(qu_s, es, r)))
+        else:
+            out["train_qu"] = {"skipped": "off (config.train_qu): every policy shares one loaded "
+                                          "understander, a per-policy promotion is not served"}
         for step, job in steps:
             t1 = time.perf_counter()
             try:
                 res = job(s, self.es, self.redis)
-            except OrchestratorError as exc:
-                logger.warning("retraining step %s after round %d failed: %s", step, t + 1, exc)
+            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                logger.warning("retraining step %s of %s after round %d failed: %s", step, name,
+                               t + 1, exc)
                 res = {"error": str(exc)[:300]}
             res = {k: v for k, v in res.items() if k not in ("path",)}
             res["seconds"] = round(time.perf_counter() - t1, 2)
             out[step] = res
-        out["train_memory"] = {"skipped": "the Q2E job writes into the catalog index, "
-                                          "which the simulation shares"}
-        out["train_qu"] = {"skipped": "the QU job writes the shared QU model folder"}
-        out["reloaded"] = orch.reload_rescorer(force=True)
+        out["train_memory"] = {"skipped": "the memory updater runs every memory_every rounds "
+                                          "on the policy's own clone"}
+        out["reloaded"] = orch.reload_rescorer(force=True) if ranker else False
         out["rescorer_version"] = orch.rescorer_version
         out["seconds"] = round(time.perf_counter() - t0, 2)
         logger.info("retrained %s after round %d: ranker %s, rescorer v%s", name, t + 1,
                     out["train_ranker"].get("reason"), out["rescorer_version"])
         return out
+
+    def _qu_settings(self, name: str, s: Any) -> Any:
+        """``s`` with a per-policy copy of the QU model folder (None if it cannot be copied)."""
+        src = Path(self.settings.qu.model_dir)
+        if not src.is_dir():
+            return None
+        dst = Path(tempfile.mkdtemp(prefix=f"ltrr-sim-{self.run_id}-qu-")) / "qu"
+        shutil.copytree(src, dst)
+        self.model_dirs.append(dst.parent)
+        return s.model_copy(update={"qu": s.qu.model_copy(update={"model_dir": dst})})
+
+    def learn(self, name: str, spec: PolicySpec, orch: Orchestrator, *, t: int,
+              totals: dict[str, Any]) -> dict[str, Any] | None:
+        """The learning jobs due after round ``t`` for one ``ours*`` policy (production job
+        functions of :mod:`orchestrator.tasks`). Returns the retraining record, if any."""
+        from ..tasks import run_move_events, run_update_memory
+
+        c = self.config
+        s = self.retrain_settings[name]
+        n = t + 1
+
+        def job(key: str, fn: Any) -> None:
+            t1 = time.perf_counter()
+            try:
+                res = fn(s, self.es, self.redis)
+            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                logger.warning("%s of %s after round %d failed: %s", key, name, n, exc)
+                res = {"error": str(exc)[:300]}
+            agg = totals.setdefault(key, {"runs": 0, "errors": 0, "seconds": 0.0})
+            agg["runs"] += 1
+            agg["errors"] += int("error" in res)
+            agg["seconds"] = round(agg["seconds"] + time.perf_counter() - t1, 3)
+            for k, v in res.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seconds":
+                    agg[k] = agg.get(k, 0) + v
+            if "error" in res:
+                agg["last_error"] = res["error"]
+
+        if spec.memory and c.memory_every > 0 and n % c.memory_every == 0:
+            job("update_memory", run_update_memory)
+        if spec.retrain and c.move_every > 0 and n % c.move_every == 0:
+            job("move_events", run_move_events)
+        if spec.retrain and c.retrain_every > 0 and n % c.retrain_every == 0 and n < c.rounds:
+            return self.retrain(name, orch, t=t, spec=spec)
+        return None
 
     # -- oracle calibration --------------------------------------------------------------
     def calibrate(self, queries: Sequence[SimQuery], probe: Orchestrator
@@ -406,17 +623,32 @@ class Simulation:
         queries = self.stream.generate(c.rounds)
         contexts = _contexts(c.rounds, c.seed)
         n_standard = len(specs)
-        retraining = c.retrain_every > 0 and any(s.name == "ours" for s in specs)
         index_of = {s.name: i for i, s in enumerate(specs)}
-        if retraining and c.compare_no_retrain:
-            # Same seeds as ours (selector draws, request ids): the two differ by retraining only.
-            specs.append(PolicySpec("ours_no_retrain", "ours"))
-            index_of["ours_no_retrain"] = index_of["ours"]
+        if c.retrain_every > 0 and c.compare_no_retrain and "ours" in index_of \
+                and "ours_no_retrain" not in index_of:
+            specs.append(PolicySpec("ours_no_retrain", "ours", retrain=False, seed_as="ours"))
+        for spec in specs:  # ablations: the same seeds as ours
+            if spec.seed_as and spec.seed_as in index_of:
+                index_of[spec.name] = index_of[spec.seed_as]
+        if c.new_items_fraction > 0:
+            self.notes.append("new_items_fraction is set but new-item ingestion is not wired "
+                              "into the simulation yet: off")
+            logger.warning(self.notes[-1])
+        held_out = frozenset(getattr(self.stream, "held_out", None) or ())
+        learners = [s.name for s in specs if s.learns]
         orchs: dict[str, Orchestrator] = {}
-        for spec in specs:
-            orchs[spec.name] = self._build(spec, index=index_of[spec.name],
-                                           retrain=retraining and spec.name == "ours")
+        try:
+            self.clone_memories(learners)
+            for spec in specs:
+                orchs[spec.name] = self._build(spec, index=index_of[spec.name])
+        except Exception:
+            if not c.keep_state:
+                self.cleanup()
+            raise
         retrains: list[dict[str, Any]] = []
+        learning: dict[str, Any] = {n: {"memory_alias": self.memory_clones.get(n),
+                                        "memory_pairs_start": self.memory_pairs(n)}
+                                    for n in learners}
         plans: dict[str, dict[str, int]] = {}
         scores: dict[str, dict[tuple[str, ...], float]] = {}
         t_cal = time.perf_counter()
@@ -440,6 +672,7 @@ class Simulation:
         spec_by = {s.name: s for s in specs}
         if oracle_spec:
             spec_by["oracle"] = oracle_spec
+        static_from = int(np.floor(c.rounds * min(max(c.static_from_fraction, 0.0), 1.0)))
         records: list[RoundRecord] = []
         t_loop = time.perf_counter()
         bar = None
@@ -447,20 +680,43 @@ class Simulation:
             from tqdm import tqdm
 
             bar = tqdm(total=c.rounds, desc=f"simulate ({len(names)} policies)", unit="round")
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=max(int(c.workers), 1))
+
+        def orch_of(name: str, qtype: str) -> Orchestrator | None:
+            return oracle_orchs.get(qtype) if name == "oracle" else orchs[name]
+
         try:
             for t, (q, ctx) in enumerate(zip(queries, contexts)):
-                for name in names:
-                    orch = oracle_orchs.get(q.qtype) if name == "oracle" else orchs[name]
-                    if orch is None:
-                        continue
-                    records.append(self._round(t, name, spec_by[name], orch, q, ctx))
-                if retraining and (t + 1) % c.retrain_every == 0 and t + 1 < c.rounds:
-                    retrains.append(self.retrain("ours", orchs["ours"], t=t))
+                active = [n for n in names if (t >= static_from or not is_static(spec_by[n]))
+                          and orch_of(n, q.qtype) is not None]
+                # One thread per policy; results in policy order (deterministic records).
+                futs = [pool.submit(self._round, t, n, spec_by[n], orch_of(n, q.qtype), q, ctx,
+                                    held_out=held_out) for n in active]
+                records.extend(f.result() for f in futs)
+                jobs = [pool.submit(self.learn, n, spec_by[n], orchs[n], t=t,
+                                    totals=learning[n]) for n in learners]
+                retrains.extend(r for f in jobs if (r := f.result()) is not None)
                 if bar is not None:
                     bar.update(1)
                 if on_round is not None:
                     on_round(t)
+            # Final pass over unseen playlist titles: no feedback, after every scored round.
+            unseen = list(getattr(self.sources, "playlists_unseen", None) or [])
+            unseen = unseen[: max(c.unseen_eval_max, 0)]
+            for i, q in enumerate(unseen):
+                t = c.rounds + i
+                ctx = _contexts(1, c.seed * 7 + t)[0]
+                active = [n for n in names if orch_of(n, q.qtype) is not None]
+                futs = [pool.submit(self._round, t, n, spec_by[n], orch_of(n, q.qtype), q, ctx,
+                                    held_out=held_out, phase="unseen", feedback=False)
+                        for n in active]
+                records.extend(f.result() for f in futs)
+            for n in learners:
+                learning[n]["memory_pairs_end"] = self.memory_pairs(n)
         finally:
+            pool.shutdown(wait=True)
             if bar is not None:
                 bar.close()
             if not c.keep_state:
@@ -476,29 +732,35 @@ class Simulation:
                      "total": round(time.perf_counter() - t_start, 2)},
             queries=[{"t": t, "qtype": q.qtype, "text": q.text, "qid": q.qid, "noise": q.noise,
                       "n_relevant": len(q.relevant)} for t, q in enumerate(queries)],
-            retrains=retrains,
+            retrains=retrains, learning=learning, notes=list(self.notes),
         )
 
     def _round(self, t: int, name: str, spec: PolicySpec, orch: Orchestrator, q: SimQuery,
-               ctx: Mapping[str, Any]) -> RoundRecord:
+               ctx: Mapping[str, Any], *, held_out: frozenset[str] = frozenset(),
+               phase: str = "stream", feedback: bool = True) -> RoundRecord:
         c = self.config
+        extra = {"key": str(getattr(q, "key", "") or ""), "user": str(getattr(q, "user", "") or ""),
+                 "need": str(getattr(q, "need", "") or ""), "phase": phase,
+                 "n_new_relevant": sum(1 for i in q.relevant if i in held_out)}
         size = max(spec.max_candidates(c.total_budget), c.display)
         try:
             resp = orch.search(q.text, context=dict(ctx), size=size, total_budget=c.total_budget)
         except OrchestratorError as exc:
             logger.warning("round %d policy %s: search failed: %s", t, name, exc)
             return RoundRecord(t, name, q.qtype, q.noise, q.text, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
-                               [], [], {}, 1.0, 0, 0, 0.0, 0.0, failed=1, error=str(exc)[:200])
+                               [], [], {}, 1.0, 0, 0, 0.0, 0.0, failed=1, error=str(exc)[:200],
+                               **extra)
         ids = [it.id for it in resp.results]
         shown = ids[: c.display]
         union = set(ids)
         rng = np.random.default_rng([c.seed, t, 31337])
         actions = self.click_model.interact(shown, q.relevant, rng)
-        for item, action in actions:
+        for item, action in actions if feedback else ():
             try:
                 _feedback(orch, resp, item, action)
             except OrchestratorError as exc:
                 logger.warning("feedback failed (%s %s): %s", item, action, exc)
+        clicked_ids = [i for i, a in actions if a == "click"]
         failed_arms = {f.template_id for f in resp.failures}
         arms = [ch.template_id for ch in resp.decision.choices]
         eligible = sorted(resp.decision.propensities)
@@ -522,6 +784,8 @@ class Simulation:
             failed=len(failed_arms),
             subset_propensity_indep=independent_subset_propensity(resp.decision.propensities, arms),
             rescorer_version=orch.rescorer_version,
+            new_shown=[i for i in shown if i in held_out],
+            new_clicked=[i for i in clicked_ids if i in held_out], **extra,
         )
 
     def cleanup(self) -> int:
@@ -533,6 +797,9 @@ class Simulation:
         if self.retrain_settings:
             pattern = f"{self.events_alias('')}*"
             self.es.indices.delete(index=pattern, ignore_unavailable=True, allow_no_indices=True)
+        if self.memory_clones:
+            self.es.indices.delete(index=f"ltrr-sim-{self.run_id}-memory-*".lower(),
+                                   ignore_unavailable=True, allow_no_indices=True)
         if not self.config.model_dir:
             for path in self.model_dirs:
                 shutil.rmtree(path, ignore_errors=True)

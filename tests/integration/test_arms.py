@@ -103,7 +103,9 @@ def test_lexical_popular_orders_identical_titles_by_popularity(search) -> None:
              if _titles([h]) == ["smells like teen spirit"]]
     popular = [h for h in search("lexical_popular", "Smells Like Teen Spirit", size=10)
                if _titles([h]) == ["smells like teen spirit"]]
-    assert len(popular) >= 3
+    # Two copies in the slice since playlist-only tracks carry no genre (they came into it
+    # through their playlists' genres, an evaluation label).
+    assert len(popular) >= 2
     pops = [h.source["popularity"] for h in popular]
     assert pops == sorted(pops, reverse=True), pops
     assert {h.id for h in plain} == {h.id for h in popular}
@@ -216,11 +218,12 @@ def _playlist(settings, name: str) -> set[str]:
 
 
 @pytest.mark.parametrize("name,arm,slots,minimum", [
-    # recall@100 floors measured on the slice, with margin; lexical finds ~0-2 of these
-    ("Classic Rock", "structured", {"genre": ["classic rock"]}, 15),
-    ("90s Dance Hits", "structured", {"genre": ["dance"], "era": ["90s"]}, 5),
-    ("Gangster Rap Workout", "semantic", {}, 6),
-    ("Sad Trap", "semantic", {}, 5),
+    # recall@100 floors measured on the slice, with margin. The slice lost most playlist
+    # tracks when catalog genres stopped coming from the playlists' own genre labels (the
+    # answers): measured then 6 and 3 (structured), semantic 1 and 0 ("Gangster Rap
+    # Workout", "Sad Trap": too few of their tracks are left in the slice to test it).
+    ("Classic Rock", "structured", {"genre": ["classic rock"]}, 4),
+    ("90s Dance Hits", "structured", {"genre": ["dance"], "era": ["90s"]}, 2),
 ])
 def test_playlist_title_finds_playlist_tracks(settings, search, name: str, arm: str,
                                                slots: dict[str, Any], minimum: int) -> None:

@@ -24,7 +24,7 @@ POLICIES = ["arm:lexical.v2", "hybrid_rrf", "random", "ours"]
 
 def _config(prefix: str, **kw) -> SimConfig:
     base = dict(rounds=45, seed=3, policies=POLICIES, oracle=True, calibration_per_type=3,
-                genres=SLICE_GENRES, prefix_root=prefix)
+                genres=SLICE_GENRES, prefix_root=prefix, static_from_fraction=0.0)
     base.update(kw)
     return SimConfig(**base)
 
@@ -101,8 +101,9 @@ def test_small_simulation_report_files_and_reproducibility(es, redis_client, red
         "reward": settings.reward.model_copy(update={"latency_cost_per_ms": 0.0})})
 
     def rerun():
-        sim_ = Simulation(_config(redis_prefix, rounds=24, policies=["arm:lexical.v2", "ours"],
-                                  oracle=False, retrain_every=10),
+        sim_ = Simulation(_config(redis_prefix, rounds=24,
+                                  policies=["arm:lexical.v2", "ours", "ours_no_retrain"],
+                                  oracle=False, retrain_every=10, move_every=0),
                           timeless, es=es, redis=redis_client, alias=catalog_slice, sources=sources)
         return sim_, sim_.run(progress=False)
 
@@ -113,9 +114,9 @@ def test_small_simulation_report_files_and_reproducibility(es, redis_client, red
     again, res2 = rerun()
     assert [q["text"] for q in res2.queries] == [q["text"] for q in result.queries[:24]]
     first = [(r.query, r.ndcg, r.success, r.n_candidates, r.clicked)
-             for r in result.records if r.policy == "arm:lexical.v2"][:24]
+             for r in result.records if r.policy == "arm:lexical.v2" and r.phase == "stream"][:24]
     second = [(r.query, r.ndcg, r.success, r.n_candidates, r.clicked)
-              for r in res2.records if r.policy == "arm:lexical.v2"]
+              for r in res2.records if r.policy == "arm:lexical.v2" and r.phase == "stream"]
     assert first == second
     assert [rt["after_round"] for rt in res2.retrains] == [10, 20]
     for rt in res2.retrains:
@@ -148,3 +149,38 @@ def test_small_simulation_report_files_and_reproducibility(es, redis_client, red
                                oracle=False), settings, es=es, redis=redis_client,
                        alias=catalog_slice, sources=sources)
     assert [q.text for q in other.stream.generate(24)] != [q["text"] for q in res2.queries]
+
+
+def test_memory_learning_per_policy_clone(es, redis_client, redis_prefix, settings, catalog_slice,
+                                          sources):
+    """With memory_every=1, ours' own memory clone gains pairs from its clicks while
+    ours_no_memory's clone (seeded from the same index) stays as it was; cleanup deletes both
+    clones; the source memory index is writable again afterwards."""
+    cfg = _config(redis_prefix, rounds=12, policies=["ours", "ours_no_memory"], oracle=False,
+                  mix={"playlist": 0.0, "known_item": 1.0, "tag": 0.0}, memory_every=1, move_every=0, retrain_every=0,
+                  keep_state=True, unseen_eval_max=2)
+    sim = Simulation(cfg, settings, es=es, redis=redis_client, alias=catalog_slice, sources=sources)
+    try:
+        result = sim.run(progress=False)
+        assert set(sim.memory_clones) == {"ours", "ours_no_memory"}
+        for name in ("ours", "ours_no_memory"):
+            assert es.indices.exists_alias(name=sim.memory_clones[name])
+        ours, other = result.learning["ours"], result.learning["ours_no_memory"]
+        assert sum(r.clicked for r in result.records if r.policy == "ours" and r.phase == "stream") > 0
+        assert ours["update_memory"]["runs"] == 12 and ours["update_memory"]["events"] > 0
+        assert ours["memory_pairs_end"] > ours["memory_pairs_start"], ours
+        assert "update_memory" not in other
+        assert other["memory_pairs_end"] == other["memory_pairs_start"], other
+        assert all(r.phase == "unseen" for r in result.records if r.t >= 12)
+    finally:
+        sim.cleanup()
+    for name in ("ours", "ours_no_memory"):
+        assert not es.indices.exists(index=sim.memory_index(name))
+        assert not es.indices.exists_alias(name=sim.memory_clones[name])
+    from orchestrator.memory import memory_alias
+
+    src = memory_alias(catalog_slice, settings.memory.alias)
+    if es.indices.exists_alias(name=src):
+        for index in es.indices.get_alias(name=src):
+            blocks = es.indices.get_settings(index=index, name="index.blocks.write")
+            assert not blocks.body.get(index, {}).get("settings"), blocks

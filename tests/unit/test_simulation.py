@@ -313,9 +313,17 @@ def test_seeded_request_ids_are_reproducible_uuid4():
 
 def test_standard_policies_share_the_budget_except_all_arms():
     arms = ["lexical.v2", "semantic.v1", "memory.v1"]
-    specs = {s.name: s for s in standard_policies(arms, total_budget=60)}
-    assert set(specs) == {"arm:lexical.v2", "arm:semantic.v1", "arm:memory.v1", "all_arms",
-                          "hybrid_rrf", "random", "epsilon_greedy", "ours"}
+    default = {s.name: s for s in standard_policies(arms, total_budget=60)}
+    assert set(default) == {"arm:lexical.v2", "arm:semantic.v1", "arm:memory.v1",
+                            "hybrid_rrf", "random", "epsilon_greedy", "ours", "ours_no_memory",
+                            "ours_equal_budgets", "ours_no_rescorer"}
+    assert not default["ours_no_memory"].memory and default["ours_no_memory"].seed_as == "ours"
+    assert default["ours_equal_budgets"].budget_mode == "equal"
+    assert not default["ours_no_rescorer"].ranker
+    assert all(s.learns == s.name.startswith("ours") for s in default.values())
+    specs = {s.name: s for s in standard_policies(arms, total_budget=60,
+                                                  include=[*default, "all_arms", "ours_no_retrain"])}
+    assert not specs["ours_no_retrain"].retrain
     assert specs["hybrid_rrf"].plan == {"lexical.v2": 30, "semantic.v1": 30}
     assert specs["hybrid_rrf"].rescorer == "rrf"
     assert all(s.max_candidates(60) == 60 for n, s in specs.items() if n != "all_arms")
@@ -424,7 +432,8 @@ def test_report_structure_verdicts_and_plots(tmp_path: Path):
     assert "| ours |" in table(rep)
     files = plot_all(rep, rows, tmp_path)
     assert set(files) == {"cumulative_reward.png", "cumulative_regret.png", "arm_share.png",
-                          "success_by_type.png"}
+                          "success_by_type.png", "learning_by_band.png",
+                          "ours_arm_share_by_type.png"}
     for f in files:
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the report is a function of the round log: rebuilding it gives the same numbers
