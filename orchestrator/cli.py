@@ -552,7 +552,7 @@ def migrate_posteriors(
 
 @app.command()
 def simulate(
-    rounds: Annotated[int, typer.Option(help="Queries in the stream (each runs once per policy).")] = 1200,
+    rounds: Annotated[int, typer.Option(help="Queries in the stream (each runs once per policy).")] = 6000,
     seed: Annotated[int, typer.Option(help="Drives the query stream, clicks and selectors.")] = 0,
     mix: Annotated[str, typer.Option(help="Query-type mix.")] = "playlist=0.4,known_item=0.4,tag=0.2",
     drift_to: Annotated[str | None, typer.Option(
@@ -599,7 +599,10 @@ def simulate(
     static_from_fraction: Annotated[float, typer.Option(
         help="Static policies run only rounds t >= this fraction of --rounds.")] = 2.0 / 3.0,
     new_items_fraction: Annotated[float, typer.Option(
-        help="Held-out newest items released during the run (0: off; not wired yet).")] = 0.0,
+        help="The newest fraction of tracks (whole releases) is held out of the run's catalog "
+             "clone and ingested with `add_entities` at --release-at-fraction (0: off).")] = 0.02,
+    release_at_fraction: Annotated[float, typer.Option(
+        help="Round of the new-item release, as a fraction of --rounds.")] = 0.33,
     workers: Annotated[int, typer.Option(help="Policies searched concurrently per round.")] = 4,
     unseen_eval_max: Annotated[int, typer.Option(
         help="Final no-feedback pass over at most N unseen playlist titles.")] = 200,
@@ -636,6 +639,7 @@ def simulate(
         compare_no_retrain=compare_no_retrain, model_dir=model_dir,
         memory_every=max(memory_every, 0), move_every=max(move_every, 0), zipf=zipf,
         static_from_fraction=static_from_fraction, new_items_fraction=new_items_fraction,
+        release_at_fraction=release_at_fraction,
         workers=max(workers, 1), unseen_eval_max=max(unseen_eval_max, 0), train_qu=train_qu,
     )
     sim = Simulation(cfg, s, es=client, redis=r, alias=alias)

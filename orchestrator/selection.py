@@ -336,6 +336,8 @@ class LinearThompsonSelector(_ThompsonBase):
         self._loaded_at = 0.0
         self._refreshing = False
         self._stats_cache: dict[str, Any] = {}
+        #: component -> (statistics and prior it was computed from, posterior)
+        self._posterior_cache: dict[str, tuple[tuple[Any, ...], _Posterior]] = {}
 
     def get_params(self) -> dict[str, Any]:
         return {**super().get_params(), "exploration": self.exploration, "ridge": self.ridge,
@@ -351,26 +353,35 @@ class LinearThompsonSelector(_ThompsonBase):
 
     def _compute(self, stats: Mapping[str, Any], arms: Sequence[ArmSpec]) -> dict[str, _Posterior]:
         d = self.store.dim
-        eye = np.eye(d)
         out: dict[str, _Posterior] = {}
         pooled_prior = np.zeros(d)
         pooled_prior[0] = self.prior_mean
         # Pooled (action-feature) components first: their means are the arms' priors.
         for comp, st in stats.items():
             if comp.startswith("af:"):
-                prec = self.ridge * eye + st.A
-                inv = np.linalg.inv(prec)
-                mu = inv @ (st.b + self.ridge * pooled_prior)
-                out[comp] = _Posterior(mu, self.exploration ** 2 * inv, st.n)
+                out[comp] = self._posterior(comp, st, pooled_prior)
         for a in arms:
-            st = stats[a.component]
             pooled = [out[c].mu for c in a.pooled_components if c in out]
             prior = np.mean(pooled, axis=0) if pooled else pooled_prior
-            prec = self.ridge * eye + st.A
-            inv = np.linalg.inv(prec)
-            mu = inv @ (st.b + self.ridge * prior)
-            out[a.component] = _Posterior(mu, self.exploration ** 2 * inv, st.n)
+            out[a.component] = self._posterior(a.component, stats[a.component], prior)
         return out
+
+    def _posterior(self, comp: str, st: Any, prior: np.ndarray) -> _Posterior:
+        """``N(mu, v^2 (lam I + A)^-1)`` with ``mu = (lam I + A)^-1 (b + lam prior)``, cached
+        per component while its statistics and prior are unchanged: a refresh reloads every
+        arm's statistics, but one search changes only the components of the arms it ran, and
+        the d x d inverse is the cost of a refresh (exactly the same numbers either way)."""
+        A = np.ascontiguousarray(st.A, dtype=float)
+        b = np.ascontiguousarray(st.b, dtype=float)
+        p = np.ascontiguousarray(prior, dtype=float)
+        key = (float(st.n), A.tobytes(), b.tobytes(), p.tobytes())
+        hit = self._posterior_cache.get(comp)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        inv = np.linalg.inv(self.ridge * np.eye(self.store.dim) + A)
+        post = _Posterior(inv @ (b + self.ridge * p), self.exploration ** 2 * inv, st.n)
+        self._posterior_cache[comp] = (key, post)
+        return post
 
     def refresh(self, arms: Sequence[ArmSpec]) -> None:
         """Reload statistics for ``arms`` from the store and recompute their posteriors."""

@@ -235,7 +235,8 @@ def build_report(result: Any) -> dict[str, Any]:
                             query_counts=result.query_counts, source_sizes=result.source_sizes,
                             seconds=result.seconds, retrains=result.retrains,
                             learning=getattr(result, "learning", None),
-                            notes=getattr(result, "notes", None))
+                            notes=getattr(result, "notes", None),
+                            release=getattr(result, "new_items", None))
 
 
 def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, Any],
@@ -245,7 +246,8 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
                      n_windows: int = 10,
                      retrains: Sequence[Mapping[str, Any]] = (),
                      learning: Mapping[str, Any] | None = None,
-                     notes: Sequence[str] | None = None) -> dict[str, Any]:
+                     notes: Sequence[str] | None = None,
+                     release: Mapping[str, Any] | None = None) -> dict[str, Any]:
     unseen_rows = [r for r in rows if not is_stream(r)]
     rows = [r for r in rows if is_stream(r)]  # every stream metric below: phase "stream" only
     per = by_policy(rows)
@@ -262,7 +264,9 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
         entry: dict[str, Any] = {"overall": overall, "by_type": types,
                                  "cumulative_reward": _r(cum, 3)}
         if oracle:
-            entry["cumulative_regret"] = _r(sum(oracle.get(r["t"], 0.0) - r[REWARD] for r in prow), 3)
+            # only the rounds the oracle ran (it may start late, with the static policies)
+            entry["cumulative_regret"] = _r(sum(oracle[r["t"]] - r[REWARD] for r in prow
+                                                if r["t"] in oracle), 3)
         windows = []
         for lo, hi in zip(edges[:-1], edges[1:]):
             w = [r for r in prow if lo <= r["t"] < hi]
@@ -284,7 +288,9 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
     statics = static_policies(per)
     if "ours" in per and statics:
         def part(name: str, t: str) -> Mapping[str, Any]:
-            return policies[name]["overall"] if t == "all" else policies[name]["by_type"][t]
+            # the last third: the rounds the static policies ran (same rounds for every one)
+            lt = policies[name]["last_third"]
+            return lt["overall"] if t == "all" else lt["by_type"][t]
 
         for t in (*QUERY_TYPES, "all"):
             cand = [(part(s, t).get(REWARD), s) for s in statics if part(s, t).get("n")]
@@ -304,7 +310,7 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
     band_counts = defaultdict(int)
     for r in ref:
         band_counts[bands.get(row_key(r), "tail")] += 1
-    return {
+    report: dict[str, Any] = {
         "config": dict(config), "arms": list(arms), "source_sizes": dict(source_sizes),
         "last_third_from_round": t3,
         "best_static_last_third": best,
@@ -318,6 +324,7 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
                              "ndcg_at_10": _r(_mean([r["ndcg"] for r in v]))}
                          for n, v in unseen_per.items()}},
         "new_items": new_items_section(per, release_at=release_at),
+        "new_items_release": dict(release) if release else None,
         "learning": dict(learning or {}),
         "notes": list(notes or []),
         "query_counts": dict(query_counts), "seconds": dict(seconds),
@@ -329,6 +336,8 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
         "retraining": retraining_section(policies, retrains, per),
         "ope": ope_section(per, oracle_plans),
     }
+    report["targets"] = targets_section(report)
+    return report
 
 
 def paired_p_value(diffs: Sequence[float], *, n_perm: int = 20000, seed: int = 0) -> float | None:
@@ -338,6 +347,159 @@ def paired_p_value(diffs: Sequence[float], *, n_perm: int = 20000, seed: int = 0
         return None if not len(d) else 1.0
     flips = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, len(d)))
     return _r(float((np.abs((flips * d).mean(axis=1)) >= abs(d.mean()) - 1e-12).mean()), 4)
+
+
+#: Targets of the issue ("Prove it on a realistic stream"), on the last third of the run.
+HEAD_SUCCESS_TARGET = 0.9
+ABLATION_P_TARGET = 0.05
+OPE_RELATIVE_ERROR_TARGET = 0.10
+#: The ablations whose contribution must show (each one learning part switched off).
+TARGET_ABLATIONS: tuple[str, ...] = ("ours_no_memory", "ours_equal_budgets", "ours_no_rescorer")
+
+
+def _target(text: str, value: float | None, reference: float | None, *, higher: bool = True,
+            strict: bool = False, note: str | None = None, **extra: Any) -> dict[str, Any]:
+    """One target entry: ``met`` is None (with a ``note``) when either side is missing;
+    ``shortfall`` is how far ``value`` is from meeting ``reference`` (positive), None when met."""
+    e: dict[str, Any] = {"target": text, "value": value, "reference": reference, "met": None,
+                         "shortfall": None}
+    if value is None or reference is None or value != value or reference != reference:
+        e["note"] = note or "no data"
+    else:
+        if higher:
+            e["met"] = bool(value > reference if strict else value >= reference)
+        else:
+            e["met"] = bool(value < reference if strict else value <= reference)
+        if not e["met"]:
+            e["shortfall"] = _r(reference - value if higher else value - reference)
+        if note:
+            e["note"] = note
+    e.update(extra)
+    return e
+
+
+def best_arm(policies: Mapping[str, Any], *, metric: str = REWARD, qtype: str | None = None) -> str | None:
+    """The single static arm (``arm:<id>``) with the best last-third ``metric`` (overall, or
+    on query type ``qtype``); arms with no rows there are skipped."""
+    cand = []
+    for n, p in policies.items():
+        if not n.startswith("arm:"):
+            continue
+        lt = p.get("last_third") or {}
+        d = lt.get("overall", {}) if qtype is None else (lt.get("by_type") or {}).get(qtype, {})
+        if d.get("n") and d.get(metric) is not None:
+            cand.append((d[metric], n))
+    return max(cand)[1] if cand else None
+
+
+def targets_section(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets on the last third of the stream, each with its value, reference,
+    whether it is met and by how much it is missed (see :func:`_target`)."""
+    pol = report.get("policies") or {}
+    out: list[dict[str, Any]] = []
+
+    def lt(name: str, qtype: str | None = None) -> Mapping[str, Any]:
+        d = (pol.get(name) or {}).get("last_third") or {}
+        return d.get("overall", {}) if qtype is None else (d.get("by_type") or {}).get(qtype, {})
+
+    def val(d: Mapping[str, Any], metric: str) -> float | None:
+        return d.get(metric) if d.get("n") else None
+
+    ours = lt("ours")
+    # (1) ours above the static-plan oracle
+    for m in ("ndcg", "success"):
+        note = None if "oracle" in pol else "no oracle in this run"
+        note = note if "ours" in pol else "no ours in this run"
+        out.append(_target(f"ours > oracle, {m}@10", val(ours, m), val(lt("oracle"), m), strict=True,
+                           note=note, kind="oracle", metric=m, reference_policy="oracle"))
+    # (2) ours at or above the best single static arm, per query type
+    for t in QUERY_TYPES:
+        for m in ("success", "ndcg"):
+            arm = best_arm(pol, metric=m, qtype=t)
+            ref = val(lt(arm, t), m) if arm else None
+            note = None
+            if arm is None:
+                note = "no single-arm policy with rows of this type"
+            elif val(lt("ours", t), m) is None:
+                note = "ours has no rows of this type"
+            out.append(_target(f"ours >= best arm on {t}, {m}@10", val(lt("ours", t), m), ref, note=note,
+                               kind="best_arm", metric=m, qtype=t, reference_policy=arm))
+    # (3) the head band
+    head = (((pol.get("ours") or {}).get("bands") or {}).get("head") or {}).get("last_third") or {}
+    out.append(_target("ours head-band success@10 >= 0.9", val(head, "success"), HEAD_SUCCESS_TARGET,
+                       note=None if head.get("n") else "no head-band rows in the last third",
+                       kind="head_band", metric="success", n=head.get("n", 0)))
+    # (4) each learning part's contribution: ours better than the ablation, paired p < 0.05
+    tests = {e["b"]: e for e in report.get("paired_last_third") or [] if e.get("a") == "ours"}
+    abls = list(TARGET_ABLATIONS) + sorted(b for b in tests if b.startswith("ours_") and b not in TARGET_ABLATIONS)
+    for b in abls:
+        e = tests.get(b)
+        text = f"ours better than {b} ({REWARD}@10), p < {ABLATION_P_TARGET}"
+        if not e or not e.get("n"):
+            out.append(_target(text, None, ABLATION_P_TARGET, higher=False,
+                               note=f"{b} not run" if not e else "no common rounds",
+                               kind="ablation", metric=REWARD, ablation=b))
+            continue
+        d, p = e[REWARD]["difference"], e[REWARD]["p_value"]
+        entry = _target(text, p, ABLATION_P_TARGET, higher=False, strict=True,
+                        note=None if p is not None else "no p-value", kind="ablation", metric=REWARD,
+                        ablation=b, difference=d, n=e["n"],
+                        success_difference=e["success"]["difference"], success_p_value=e["success"]["p_value"])
+        if entry["met"] is not None and (d is None or d <= 0):
+            entry["met"] = False
+            entry["shortfall"] = _r(max(p - ABLATION_P_TARGET, 0.0))
+            entry["note"] = f"ours not better: difference {d if d is not None else float('nan'):+.4f}"
+        out.append(entry)
+    # (5) OPE: the DR estimate of each evaluated policy within 10% (relative) of its realized mean
+    ope = report.get("ope") or {}
+    lg = "ours" if "ours" in ope else next(iter(ope), None)
+    sec = ((ope.get(lg) or {}).get(REWARD) or {}) if lg else {}
+    if not sec.get("targets"):
+        out.append(_target(f"DR within {OPE_RELATIVE_ERROR_TARGET:.0%} of realized {REWARD}", None,
+                           OPE_RELATIVE_ERROR_TARGET, higher=False, note="no OPE estimates", kind="ope"))
+    for tname, d in sorted((sec.get("targets") or {}).items()):
+        dr, actual = d.get("dr"), d.get("actual")
+        rel, note = None, None
+        if dr is None or dr != dr or actual is None:
+            note = "no DR estimate"
+        elif actual == 0:
+            note = f"realized mean is 0 (DR {dr:.4f}): relative error undefined"
+        else:
+            rel = _r(abs(dr - actual) / abs(actual))
+        out.append(_target(f"DR({tname}) within {OPE_RELATIVE_ERROR_TARGET:.0%} of realized {REWARD}",
+                           rel, OPE_RELATIVE_ERROR_TARGET, higher=False, note=note, kind="ope",
+                           logger=lg, metric=REWARD, policy=tname, dr=dr, actual=actual))
+    return out
+
+
+def targets_table(report: Mapping[str, Any]) -> str:
+    """Markdown: the ``targets`` section (see :func:`targets_section`)."""
+    targets = report.get("targets")
+    if targets is None:
+        targets = targets_section(report)
+    if not targets:
+        return ""
+
+    def f(x: Any) -> str:
+        if x is None:
+            return "–"
+        if isinstance(x, float) and 0 < abs(x) < 0.001:
+            return f"{x:.1e}"
+        return f"{x:.3f}" if isinstance(x, (int, float)) else str(x)
+
+    n_met = sum(1 for e in targets if e["met"])
+    n_known = sum(1 for e in targets if e["met"] is not None)
+    lines = [f"Targets (last third, rounds >= {report.get('last_third_from_round', '?')}): "
+             f"{n_met}/{n_known} met ({len(targets) - n_known} without data)", "",
+             "| target | value | reference | met | shortfall | note |", "|---|---|---|---|---|---|"]
+    for e in targets:
+        met = "n/a" if e["met"] is None else "yes" if e["met"] else "**no**"
+        ref = f(e["reference"])
+        if e.get("reference_policy") and e["reference"] is not None:
+            ref += f" ({e['reference_policy']})"
+        lines.append(f"| {e['target']} | {f(e['value'])} | {ref} | {met} | {f(e['shortfall'])} | "
+                     f"{e.get('note', '')} |")
+    return "\n".join(lines)
 
 
 def retraining_section(policies: Mapping[str, Any], retrains: Sequence[Mapping[str, Any]],
@@ -404,21 +566,37 @@ def last_third_table(report: Mapping[str, Any], *, metric: str = "success") -> s
         return ""
     names = sorted(pol, key=lambda n: (n == "oracle",
                                        -((pol[n].get("last_third") or {}).get("overall", {}).get(metric) or 0)))
-    head = ["policy (last third)", "n", "all", *QUERY_TYPES, *BANDS]
+    # n per type / band in the header (of ``ours``, else the policy with the most last-third
+    # rows); a policy whose n differs shows its own n in the cell; no rows: "–"
+    ref_name = "ours" if "ours" in pol else max(
+        pol, key=lambda n: ((pol[n].get("last_third") or {}).get("overall") or {}).get("n") or 0)
+    ref_lt = pol[ref_name].get("last_third") or {}
+    ref_bands = pol[ref_name].get("bands") or {}
+
+    def n_of(d: Mapping[str, Any] | None) -> int:
+        return int((d or {}).get("n") or 0)
+
+    ref_n = {**{t: n_of((ref_lt.get("by_type") or {}).get(t)) for t in QUERY_TYPES},
+             **{b: n_of((ref_bands.get(b) or {}).get("last_third")) for b in BANDS}}
+    head = ["policy (last third)", "n", "all", *(f"{c} (n={ref_n[c]})" for c in (*QUERY_TYPES, *BANDS))]
     lines = [f"{metric}@10 on rounds >= {report.get('last_third_from_round', '?')} "
-             "(bands: key frequency over the stream)", "",
+             f"(bands: key frequency over the stream; n of {ref_name} in the header, "
+             "a different n in the cell; – = no rows)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def cell(d: Mapping[str, Any]) -> str:
-        return f"{d[metric]:.3f}" if d.get("n") and d.get(metric) is not None else "-"
+    def cell(d: Mapping[str, Any], col: str | None = None) -> str:
+        if not d.get("n") or d.get(metric) is None:
+            return "–"
+        v = f"{d[metric]:.3f}"
+        return v if col is None or d["n"] == ref_n[col] else f"{v} (n={d['n']})"
 
     for n in names:
         lt = pol[n].get("last_third") or {"overall": {}, "by_type": {}}
         bands = pol[n].get("bands") or {}
         lines.append("| " + " | ".join([
             n, str(lt["overall"].get("n", 0)), cell(lt["overall"]),
-            *(cell(lt["by_type"].get(t, {})) for t in QUERY_TYPES),
-            *(cell((bands.get(b) or {}).get("last_third", {})) for b in BANDS)]) + " |")
+            *(cell(lt["by_type"].get(t, {}), t) for t in QUERY_TYPES),
+            *(cell((bands.get(b) or {}).get("last_third", {}), b) for b in BANDS)]) + " |")
     tests = report.get("paired_last_third") or []
     if tests:
         lines += ["", "| a - b (last third) | n | success diff (p) | nDCG diff (p) |", "|---|---|---|---|"]
@@ -527,7 +705,7 @@ def rebuild(out_dir: Path, *, plots: bool = True) -> dict[str, Any]:
         calibration=old.get("oracle_calibration_top10", {}), arms=old["arms"],
         query_counts=old["query_counts"], source_sizes=old["source_sizes"], seconds=old["seconds"],
         retrains=old.get("retraining", {}).get("runs", []), learning=old.get("learning"),
-        notes=old.get("notes"))
+        notes=old.get("notes"), release=old.get("new_items_release"))
     return _write(report, rows, out_dir, plots=plots)
 
 
@@ -538,9 +716,63 @@ def _write(report: dict[str, Any], rows: Sequence[Mapping[str, Any]], out_dir: P
         files += plot_all(report, rows, out_dir)
     report["files"] = files
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    parts = [table(report), last_third_table(report), retrain_table(report), ope_table(report)]
+    # table.md starts with the overall table (readers and tests expect "| policy |" first)
+    parts = [table(report), targets_table(report), last_third_table(report), retrain_table(report),
+             ope_table(report)]
     (out_dir / "table.md").write_text("\n\n".join(p for p in parts if p) + "\n", encoding="utf-8")
     return report
+
+
+def focus_policies(report: Mapping[str, Any]) -> list[str]:
+    """The policies the plots show: ``ours``, its ``ours_*`` ablations, the ``oracle``, the best
+    static policy of the last third, the best single arm if different, ``epsilon_greedy`` and
+    ``hybrid_rrf`` -- in that order, only those in ``report["policies"]``."""
+    pol = report.get("policies") or {}
+    best = report.get("best_static_last_third")
+    order = ["ours", *sorted(n for n in pol if n.startswith("ours_")), "oracle", best,
+             best_arm(pol), "epsilon_greedy", "hybrid_rrf"]
+    return [n for n in dict.fromkeys(order) if n and n in pol]
+
+
+def _panel_grid(plt: Any, out_dir: Path, file: str,
+                panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[float], Sequence[float],
+                                                           Mapping[str, Any]]]]], *,
+                ylabel: str, ylim: tuple[float, float], xlabel: str = "round",
+                panel_width: float = 6.0) -> str:
+    """A 1xN grid of line panels (``panels``: ``(title, [(label, x, y, plot kwargs)])``), the
+    legend on the last panel; saved as ``out_dir / file``; returns ``file``."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 4.5), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for label, x, y, kw in lines:
+            ax.plot(x, y, label=label, **{**({"marker": "o"} if len(x) == 1 else {}), **kw})
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / file, dpi=110)
+    plt.close(fig)
+    return file
+
+
+def _policy_colors(plt: Any, focus: Sequence[str], all_names: Sequence[str]) -> dict[str, Any]:
+    """Distinct colours for the focus policies (ours red, the oracle black), the rest after."""
+    tab10 = [plt.get_cmap("tab10")(i) for i in range(10) if i != 3]  # 3 is red: ours'
+    colors: dict[str, Any] = {"ours": "tab:red", "oracle": "black"}
+    rest = [n for n in dict.fromkeys([*focus, *all_names]) if n not in colors]
+    tab20 = plt.get_cmap("tab20")
+    for i, n in enumerate(rest):
+        colors[n] = tab10[i] if i < len(tab10) else tab20(i % 20)
+    return colors
+
+
+def _line_style(n: str, colors: Mapping[str, Any]) -> dict[str, Any]:
+    """ours bold; the oracle dotted; single arms dashed; the rest thin."""
+    return {"color": colors.get(n), "linewidth": 2.8 if n == "ours" else 1.8 if n == "oracle" else 1.2,
+            "linestyle": ":" if n == "oracle" else "--" if n.startswith("arm:") else "-",
+            "zorder": 3 if n == "ours" else 2}
 
 
 def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[str]:
@@ -552,19 +784,11 @@ def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_d
     per = by_policy([r for r in rows if is_stream(r)])
     oracle = {r["t"]: r[REWARD] for r in per.get("oracle", [])}
     all_names = sorted(per)
-    best = report.get("best_static_last_third")
-    # fewer lines: ours, its ablations, the oracle and the best static policy
-    names = [n for n in all_names if n == "ours" or n.startswith("ours_") or n == "oracle"
-             or n == best] or all_names
+    # fewer lines: ours, its ablations, the oracle, the best static policy / arm, the baselines
+    names = [n for n in focus_policies(report) if per.get(n)] or all_names
     start = max((per[n][0]["t"] for n in names if per[n]), default=0)
-    cmap = plt.get_cmap("tab20")
-    colors = {n: cmap(i % 20) for i, n in enumerate(all_names)}
+    colors = _policy_colors(plt, names, all_names)
     files = []
-
-    def style(n: str) -> dict[str, Any]:
-        bold = n in ("ours", "oracle", "hybrid_rrf", "all_arms")
-        return {"color": colors[n], "linewidth": 2.4 if bold else 1.1,
-                "linestyle": "-" if bold or not n.startswith("arm:") else "--"}
 
     def cumulative(file: str, value: Any, policies: list[str], *, ylabel: str, title: str,
                    zero_line: bool = False) -> None:
@@ -573,10 +797,10 @@ def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_d
         for n in policies:
             pr = [r for r in per[n] if r["t"] >= start]  # the rounds every plotted policy ran
             ax.plot([r["t"] + 1 for r in pr], np.cumsum([value(r) for r in pr]),
-                    label=n, **style(n))
+                    label=n, **_line_style(n, colors))
         if zero_line:
             ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xlabel("round")
+        ax.set_xlabel("round" if not start else f"round (from {start}: the rounds every shown policy ran)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.legend(fontsize=8, ncol=2)
@@ -598,35 +822,34 @@ def plot_all(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_d
     adaptive = [n for n in ADAPTIVE if n in report["policies"]]
     if adaptive:
         arms = report["arms"]
-        fig, axes = plt.subplots(1, len(adaptive), figsize=(5.5 * len(adaptive), 4.5), squeeze=False)
-        for ax, n in zip(axes[0], adaptive):
+        panels = []
+        for n in adaptive:
             wins = report["policies"][n]["over_time"]
             x = [(w["rounds"][0] + w["rounds"][1]) / 2 for w in wins]
-            for a in arms:
-                ax.plot(x, [w["arm_share"].get(a) or 0 for w in wins], marker="o", label=a)
-            ax.set_title(f"{n}: share of requests running each arm")
-            ax.set_xlabel("round")
-            ax.set_ylim(0, 1.05)
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("selection share")
-        axes[0][-1].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "arm_share.png", dpi=110)
-        plt.close(fig)
-        files.append("arm_share.png")
+            panels.append((f"{n}: share of requests running each arm",
+                           [(a, x, [np.nan if w["arm_share"].get(a) is None else w["arm_share"][a]
+                                    for w in wins], {"marker": "o"})  # no rows: a gap, not 0
+                            for a in arms]))
+        files.append(_panel_grid(plt, out_dir, "arm_share.png", panels, ylabel="selection share",
+                                 ylim=(0, 1.05), panel_width=5.5))
 
     files += _extra_plots(plt, report, per, out_dir, names=names, colors=colors)
     pol = report["policies"]
-    types = [t for t in QUERY_TYPES if any(pol[n]["by_type"][t].get("n") for n in names)]
+    # the last third: every policy ran it (the static ones may start late), the targets' part
+    lt = {n: (pol[n].get("last_third") or {}).get("by_type") or pol[n]["by_type"] for n in names}
+    types = [t for t in QUERY_TYPES if any(lt[n][t].get("n") for n in names)]
     fig, axes = plt.subplots(1, 2, figsize=(16, 5.5))
     width = 0.8 / max(len(names), 1)
     for ax, metric in zip(axes, ("success", "ndcg")):
         for i, n in enumerate(names):
-            vals = [pol[n]["by_type"][t].get(metric) or 0 for t in types]
-            ax.bar(np.arange(len(types)) + i * width, vals, width, label=n, color=colors[n])
+            vals = [lt[n][t].get(metric) or 0 for t in types]
+            ax.bar(np.arange(len(types)) + i * width, vals, width, label=n, color=colors[n],
+                   edgecolor="black", linewidth=1.6 if n == "ours" else 0.3,
+                   hatch="//" if n.startswith("arm:") else None)
         ax.set_xticks(np.arange(len(types)) + 0.4 - width / 2)
-        ax.set_xticklabels(types)
-        ax.set_title(f"{metric}@10 by query type")
+        ax.set_xticklabels([f"{t} (n={max(lt[n][t].get('n') or 0 for n in names)})" for t in types])
+        ax.set_title(f"{metric}@10 by query type (last third, rounds >= "
+                     f"{report.get('last_third_from_round', '?')})")
         ax.grid(axis="y", alpha=0.3)
     axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -647,45 +870,41 @@ def _windowed(rows: Sequence[Mapping[str, Any]], metric: str, *, window: int) ->
     return [float(rows[i + w - 1]["t"] + 1) for i in range(len(means))], means.tolist()
 
 
+def _window_size(n: int) -> int:
+    """Trailing-window length for ``n`` rows: ``n // 15``, at least 20 -- but at most a quarter
+    of the rows (a curve, not one point, on short series)."""
+    return max(n // 15, min(20, max(n // 4, 1)))
+
+
 def _extra_plots(plt: Any, report: Mapping[str, Any], per: Mapping[str, Sequence[Mapping[str, Any]]],
                  out_dir: Path, *, names: Sequence[str], colors: Mapping[str, Any]) -> list[str]:
     """A learning curve per key band (windowed success@10) and ours' arm shares over time
     per query type."""
     files: list[str] = []
     bands = key_bands(reference_rows(per))
-    fig, axes = plt.subplots(1, len(BANDS), figsize=(6 * len(BANDS), 4.5), squeeze=False)
-    for ax, b in zip(axes[0], BANDS):
+    panels = []
+    for b in BANDS:
+        lines = []
         for n in names:
             rows = [r for r in per[n] if bands.get(row_key(r)) == b]
-            x, y = _windowed(rows, "success", window=max(len(rows) // 15, 20))
-            ax.plot(x, y, label=n, color=colors.get(n), linewidth=2.2 if n == "ours" else 1.1)
-        ax.set_title(f"{b}: success@10 (trailing window)")
-        ax.set_xlabel("round")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "learning_by_band.png", dpi=110)
-    plt.close(fig)
-    files.append("learning_by_band.png")
+            x, y = _windowed(rows, "success", window=_window_size(len(rows)))
+            lines.append((n, x, y, _line_style(n, colors)))
+        n_ref = sum(1 for r in reference_rows(per) if bands.get(row_key(r)) == b)
+        panels.append((f"{b} (n={n_ref}): success@10 (trailing window)", lines))
+    files.append(_panel_grid(plt, out_dir, "learning_by_band.png", panels, ylabel="success@10",
+                             ylim=(0, 1.02)))
     ours = per.get("ours") or []
     if ours:
         arms = list(report["arms"])
-        fig, axes = plt.subplots(1, len(QUERY_TYPES), figsize=(6 * len(QUERY_TYPES), 4.5),
-                                 squeeze=False)
-        for ax, t in zip(axes[0], QUERY_TYPES):
+        panels = []
+        for t in QUERY_TYPES:
             rows = [r for r in ours if r["qtype"] == t]
+            lines = []
             for a in arms:
                 marked = [{"t": r["t"], "x": float(a in r["arms"])} for r in rows]
-                x, y = _windowed(marked, "x", window=max(len(rows) // 15, 20))
-                ax.plot(x, y, label=a)
-            ax.set_title(f"ours, {t}: share of requests running each arm")
-            ax.set_xlabel("round")
-            ax.set_ylim(0, 1.05)
-            ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "ours_arm_share_by_type.png", dpi=110)
-        plt.close(fig)
-        files.append("ours_arm_share_by_type.png")
+                x, y = _windowed(marked, "x", window=_window_size(len(rows)))
+                lines.append((a, x, y, {}))
+            panels.append((f"ours, {t}: share of requests running each arm", lines))
+        files.append(_panel_grid(plt, out_dir, "ours_arm_share_by_type.png", panels,
+                                 ylabel="selection share (trailing window)", ylim=(0, 1.05)))
     return files

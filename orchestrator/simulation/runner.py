@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from ..arms import applicable, build_requests
+from ..catalog import CatalogBuilder, HoldOut, hold_out_newest
 from ..domain import ArmResult
 from ..errors import OrchestratorError
 from ..memory import memory_alias
@@ -75,12 +76,17 @@ from .policies import (
     rrf_rescorer,
     standard_policies,
 )
-from .queries import QUERY_TYPES, QuerySources, QueryStream, SimQuery
+from .queries import QUERY_TYPES, QuerySources, QueryStream, SimQuery, load_new_items
+from .releases import Release, prepare_catalog, release
+from .releases import cleanup as release_cleanup
 from .users import ClickModel, make_click_model
 
 logger = logging.getLogger(__name__)
 
 _DEVICES = ("mobile", "desktop", "tv")
+
+#: The memory clone the static policies share when the run holds new items out.
+STATIC_MEMORY = "static"
 
 
 @dataclass
@@ -203,6 +209,8 @@ class SimResult:
     #: Per learning policy: totals of the memory / move jobs and the memory clone used.
     learning: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: The new-item release (hold-out sizes, what was removed, what was released), if any.
+    new_items: dict[str, Any] | None = None
 
 
 #: Per-arm Elasticsearch time-out in simulations (serving default: 500ms).
@@ -332,16 +340,35 @@ class Simulation:
         config.run_id = self.run_id
         self.settings = settings
         self.alias = alias
+        #: The catalog the run starts from (``alias`` becomes the run's clone with new items).
+        self.source_alias = alias
         self.es, self.redis = es, redis
         genres = set(config.genres) if config.genres else None
         self.sources = sources or QuerySources.load(settings.ingest.data_dir, genres=genres)
         self.registry = newest_arms_registry(settings.templates.dir)
         self.arms = sorted(t.id for t in self.registry)
         self.click_model: ClickModel = make_click_model(config.click_model, **config.click_params)
+        #: New items: the newest releases, held out of the run's catalog clone and ingested
+        #: through the product's incremental path at round ``release_at``.
+        self.hold_out: HoldOut | None = None
+        self.release_at: int | None = None
+        self.release: Release | None = None
+        self._release_docs: list[dict[str, Any]] | None = None
+        stream_extra: dict[str, Any] = {"zipf": config.zipf, "n_users": config.n_users}
+        if config.new_items_fraction > 0:
+            self.hold_out = hold_out_newest(settings.ingest.data_dir, config.new_items_fraction)
+            self.release_at = int(config.release_at_fraction * config.rounds)
+            new_ids = self.hold_out.track_ids
+            if genres:  # a slice: only the releases of its genres are released (and asked for)
+                self._release_docs = list(CatalogBuilder(
+                    settings.ingest.data_dir, only=self.hold_out.ids, genres=genres).build())
+                new_ids = new_ids & {f"{d['entity_type']}:{d['entity_id']}"
+                                     for d in self._release_docs}
+            stream_extra.update(held_out=self.hold_out.ids, release_at=self.release_at,
+                                new_items=load_new_items(settings.ingest.data_dir, new_ids))
         self.stream = QueryStream(self.sources, mix=config.mix, drift_to=config.drift_to,
                                   seed=config.seed, p_typo=config.p_typo, p_partial=config.p_partial,
-                                  **_supported(QueryStream, {"zipf": config.zipf,
-                                                             "n_users": config.n_users}))
+                                  **_supported(QueryStream, stream_extra))
         self._understander = understander
 
         def _factory() -> Any:
@@ -377,7 +404,7 @@ class Simulation:
         from empty ones (created by the updater)."""
         if not policies:
             return
-        catalog = self.alias or self.settings.es.catalog_alias
+        catalog = self.source_alias or self.settings.es.catalog_alias
         src_alias = memory_alias(catalog, getattr(self.settings.memory, "alias", None))
         sources: list[str] = []
         if self.es.indices.exists_alias(name=src_alias):
@@ -428,7 +455,7 @@ class Simulation:
                          max_results=max(spec.max_candidates(c.total_budget), c.total_budget),
                          events_alias=self.events_alias(spec.name) if learns else None,
                          model_dir=model_dir, display=c.display,
-                         memory_alias=self.memory_clones.get(spec.name) if learns else None)
+                         memory_alias=self.memory_clones.get(spec.name if learns else STATIC_MEMORY))
         rescorer: LinearRescorer | None = (
             rrf_rescorer() if spec.rescorer == "rrf" else LinearRescorer.default())
         rescoring: dict[str, Any] | None = None
@@ -630,15 +657,14 @@ class Simulation:
         for spec in specs:  # ablations: the same seeds as ours
             if spec.seed_as and spec.seed_as in index_of:
                 index_of[spec.name] = index_of[spec.seed_as]
-        if c.new_items_fraction > 0:
-            self.notes.append("new_items_fraction is set but new-item ingestion is not wired "
-                              "into the simulation yet: off")
-            logger.warning(self.notes[-1])
         held_out = frozenset(getattr(self.stream, "held_out", None) or ())
         learners = [s.name for s in specs if s.learns]
         orchs: dict[str, Orchestrator] = {}
         try:
-            self.clone_memories(learners)
+            if self.hold_out is not None:
+                self.prepare_new_items(learners)
+            else:
+                self.clone_memories(learners)
             for spec in specs:
                 orchs[spec.name] = self._build(spec, index=index_of[spec.name])
         except Exception:
@@ -689,6 +715,8 @@ class Simulation:
 
         try:
             for t, (q, ctx) in enumerate(zip(queries, contexts)):
+                if self.release is not None and t == self.release_at:
+                    self.release_new_items(t)
                 active = [n for n in names if (t >= static_from or not is_static(spec_by[n]))
                           and orch_of(n, q.qtype) is not None]
                 # One thread per policy; results in policy order (deterministic records).
@@ -733,7 +761,41 @@ class Simulation:
             queries=[{"t": t, "qtype": q.qtype, "text": q.text, "qid": q.qid, "noise": q.noise,
                       "n_relevant": len(q.relevant)} for t, q in enumerate(queries)],
             retrains=retrains, learning=learning, notes=list(self.notes),
+            new_items=self.release.as_dict() if self.release is not None else None,
         )
+
+    # -- new items -----------------------------------------------------------------------
+    def prepare_new_items(self, learners: Sequence[str]) -> None:
+        """Every policy searches one catalog clone without the held-out releases; every
+        memory (one clone per learning policy, one shared by the static policies) is a clone
+        of the full catalog's memory purged of their pairs
+        (:func:`~orchestrator.simulation.releases.prepare_catalog`)."""
+        assert self.hold_out is not None
+        self.clone_memories([*learners, STATIC_MEMORY])
+        genres = set(self.config.genres) if self.config.genres else None
+        self.release = prepare_catalog(
+            self.es, self.settings, run_id=self.run_id, hold_out=self.hold_out,
+            source_alias=self.source_alias, memory_aliases=list(self.memory_clones.values()),
+            genres=genres, prebuild=self._release_docs is None)
+        if self._release_docs is not None:
+            self.release.docs = self._release_docs
+        self.alias = self.release.catalog_alias
+        self.notes.append(
+            f"new items: {len(self.hold_out.ids)} held-out entities (newest "
+            f"{self.config.new_items_fraction:.0%} of tracks, cutoff {self.hold_out.cutoff}) "
+            f"released at round {self.release_at}")
+
+    def release_new_items(self, t: int) -> None:
+        """Ingest the held-out releases through ``add_entities`` (embeddings, catalog write,
+        memory cold start in every memory clone) before round ``t``."""
+        from ..embeddings import get_encoder
+
+        assert self.release is not None
+        res = release(self.es, self.settings, self.release,
+                      encoder=get_encoder(self.settings.embedding))
+        self.notes.append(f"new items released before round {t}: "
+                          f"{res.get('indexed', res)} documents in {res.get('seconds')} s")
+        logger.info(self.notes[-1])
 
     def _round(self, t: int, name: str, spec: PolicySpec, orch: Orchestrator, q: SimQuery,
                ctx: Mapping[str, Any], *, held_out: frozenset[str] = frozenset(),
@@ -800,6 +862,8 @@ class Simulation:
         if self.memory_clones:
             self.es.indices.delete(index=f"ltrr-sim-{self.run_id}-memory-*".lower(),
                                    ignore_unavailable=True, allow_no_indices=True)
+        if self.release is not None:
+            release_cleanup(self.es, self.run_id)
         if not self.config.model_dir:
             for path in self.model_dirs:
                 shutil.rmtree(path, ignore_errors=True)

@@ -188,3 +188,31 @@ def test_memory_learning_per_policy_clone(es, redis_client, redis_prefix, settin
         for index in es.indices.get_alias(name=src):
             blocks = es.indices.get_settings(index=index, name="index.blocks.write")
             assert not blocks.body.get(index, {}).get("settings"), blocks
+
+
+def test_new_items_are_held_out_then_released_mid_run(es, redis_client, redis_prefix, settings,
+                                                     catalog_slice, sources):
+    """With new_items_fraction, every policy searches a catalog clone without the newest
+    releases (and memories purged of them); no round before the release shows one; the
+    release goes through add_entities, after it known-item queries for new tracks find them;
+    cleanup deletes the clone and leaves the slice as it was."""
+    n_slice = es.count(index=catalog_slice)["count"]
+    cfg = _config(redis_prefix, rounds=24, policies=["arm:lexical.v2", "ours"], oracle=False,
+                  mix={"playlist": 0.0, "known_item": 1.0, "tag": 0.0}, memory_every=1,
+                  move_every=0, retrain_every=0, unseen_eval_max=0, new_items_fraction=0.02,
+                  release_at_fraction=0.5)
+    sim = Simulation(cfg, settings, es=es, redis=redis_client, alias=catalog_slice, sources=sources)
+    assert sim.hold_out is not None and sim.release_at == 12
+    result = sim.run(progress=False)
+    rel = result.new_items
+    assert rel["released"] and rel["released"]["indexed"] > 0, rel
+    assert rel["removed"]["catalog_docs"] > 0 and set(rel["memory_aliases"]) == {
+        sim.memory_clones["ours"], sim.memory_clones["static"]}
+    early = [r for r in result.records if r.t < 12]
+    assert early and not any(r.new_shown or r.n_new_relevant for r in early)
+    late = [r for r in result.records if r.t >= 12 and r.n_new_relevant]
+    assert late, "no query for a new item after the release"
+    lexical = [r for r in late if r.policy == "arm:lexical.v2"]
+    assert any(r.new_shown for r in lexical), [(r.query, r.new_shown) for r in lexical]
+    assert not es.indices.exists(index=rel["catalog_index"])
+    assert es.count(index=catalog_slice)["count"] == n_slice

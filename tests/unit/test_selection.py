@@ -225,3 +225,27 @@ def test_baseline_subset_propensities_are_exact():
     assert len(counts) == 7 and all(abs(c / 2100 - 1 / 3 / math.comb(3, len(s))) < 0.04
                                     for s, c in counts.items())
     assert FixedPlanSelector({"lexical": 60}).select(KNOWN, ARMS, total_budget=60).subset_propensity == 1.0
+
+
+def test_posterior_cache_recomputes_only_changed_components(monkeypatch):
+    """A refresh reloads every arm; only components whose statistics (or prior) changed pay
+    the d x d inverse again, and the cached posteriors equal freshly computed ones."""
+    store = InMemoryBanditStore(dim=FEAT.dim)
+    sel = LinearThompsonSelector(store, refresh_interval_s=0, random_state=0)
+    train(sel, rounds=5)
+    sel.refresh(ARMS)                       # the last partial_fit changed some arms
+    calls = []
+    real_inv = np.linalg.inv
+    monkeypatch.setattr(np.linalg, "inv", lambda m: calls.append(1) or real_inv(m))
+    sel.refresh(ARMS)
+    assert calls == []                      # nothing changed since the last select
+    sel.partial_fit(KNOWN, [ArmReward("lexical", "lexical.v1", 1.0, 1.0, LEX.action_features)])
+    sel.refresh(ARMS)
+    n_comps = len(sel._components(ARMS))
+    assert 0 < len(calls) < n_comps         # the updated arm and the pooled priors it feeds
+    monkeypatch.setattr(np.linalg, "inv", real_inv)
+    fresh = LinearThompsonSelector(store, refresh_interval_s=0, random_state=0)
+    fresh.refresh(ARMS)
+    for comp, post in fresh.posteriors_.items():
+        np.testing.assert_array_equal(sel.posteriors_[comp].mu, post.mu)
+        np.testing.assert_array_equal(sel.posteriors_[comp].cov, post.cov)

@@ -10,12 +10,15 @@ import pytest
 from orchestrator.simulation.report import (
     REFERENCE_BM25_SUCCESS_AT_10,
     _write,
+    focus_policies,
     key_bands,
     last_third_table,
     new_items_section,
     paired_tests,
     repeated_share,
     report_from_rows,
+    targets_section,
+    targets_table,
 )
 
 N = 30
@@ -125,3 +128,93 @@ def test_tables_and_plots(tmp_path):
     for f in ("learning_by_band.png", "ours_arm_share_by_type.png", "cumulative_reward.png",
               "table.md"):
         assert f in out["files"] and (tmp_path / f).stat().st_size > 0, f
+
+
+def test_last_third_table_band_n_and_empty_bands():
+    md = last_third_table(_report())
+    header = next(line for line in md.splitlines() if line.startswith("| policy (last third)"))
+    assert "head (n=3)" in header and "torso (n=0)" in header and "tail (n=7)" in header
+    ours = next(line for line in md.splitlines() if line.startswith("| ours |")).split(" | ")
+    cols = header.split(" | ")
+    torso = next(i for i, c in enumerate(cols) if c.startswith("torso"))
+    assert ours[torso] == "–"  # no rows: a dash, not 0.000
+    assert ours[cols.index("known_item (n=0)")] == "–"
+
+
+def test_targets_section_met_missed_and_missing(tmp_path):
+    rows = _rows()
+    for t in range(N):
+        k = _key(t)
+        rows.append(_row(t, "oracle", key=k, success=0.8 if t >= 20 else 0.0))
+        # same as ours: no contribution
+        rows.append(_row(t, "ours_no_rescorer", key=k, success=1.0 if t >= 10 else 0.0))
+    rep = _report(rows)
+    tg = {e["target"]: e for e in rep["targets"]}
+    for e in rep["targets"]:
+        assert set(e) >= {"target", "value", "reference", "met", "shortfall"}
+        assert (e["met"] is None) == ("note" in e) or e["kind"] == "ablation"
+    o = tg["ours > oracle, success@10"]
+    assert o["met"] is True and o["value"] == 1.0 and o["reference"] == 0.8 and o["shortfall"] is None
+    a = tg["ours >= best arm on playlist, ndcg@10"]
+    assert a["met"] is True and a["reference_policy"] == "arm:lexical.v2" and a["reference"] == 0.25
+    k = tg["ours >= best arm on known_item, success@10"]
+    assert k["met"] is None and k["note"]
+    h = tg["ours head-band success@10 >= 0.9"]
+    assert h["met"] is True and h["n"] == 3
+    m = tg["ours better than ours_no_memory (ndcg@10), p < 0.05"]
+    assert m["met"] is False and m["difference"] == pytest.approx(0.5)
+    assert m["shortfall"] == pytest.approx(m["value"] - 0.05, abs=1e-4)
+    r = tg["ours better than ours_no_rescorer (ndcg@10), p < 0.05"]
+    assert r["met"] is False and r["note"].startswith("ours not better")
+    assert tg["ours better than ours_equal_budgets (ndcg@10), p < 0.05"]["met"] is None
+    ope = [e for e in rep["targets"] if e["kind"] == "ope"]
+    assert {e["policy"] for e in ope} == {"arm:lexical.v2", "hybrid_rrf"}
+    lex = next(e for e in ope if e["policy"] == "arm:lexical.v2")
+    assert lex["value"] == pytest.approx(abs(lex["dr"] - lex["actual"]) / lex["actual"], abs=1e-3)
+    assert lex["met"] is (lex["value"] <= 0.1)
+    assert next(e for e in ope if e["policy"] == "hybrid_rrf")["met"] is None  # realized mean 0
+    json.dumps(rep)
+    _write(rep, rows, tmp_path, plots=False)
+    md = (tmp_path / "table.md").read_text(encoding="utf-8")
+    assert "Targets (last third" in md and "| ours > oracle, success@10 | 1.000 | 0.800 (oracle) | yes |" in md
+
+
+def test_targets_shortfall_and_missing_data():
+    def part(n, ndcg, success):
+        return {"n": n, "ndcg": ndcg, "success": success} if n else {"n": 0}
+
+    rep = {"policies": {
+        "ours": {"last_third": {"overall": part(5, 0.3, 0.5), "by_type": {"tag": part(5, 0.3, 0.5)}},
+                 "bands": {"head": {"last_third": {"n": 0}}}},
+        "oracle": {"last_third": {"overall": part(5, 0.4, 0.5), "by_type": {}}},
+        "arm:a": {"last_third": {"overall": part(5, 0.2, 0.4), "by_type": {"tag": part(5, 0.35, 0.4)}}}}}
+    tg = {e["target"]: e for e in targets_section(rep)}
+    nd = tg["ours > oracle, ndcg@10"]
+    assert nd["met"] is False and nd["shortfall"] == pytest.approx(0.1)
+    eq = tg["ours > oracle, success@10"]  # equal is not above
+    assert eq["met"] is False and eq["shortfall"] == 0.0
+    tag = tg["ours >= best arm on tag, ndcg@10"]
+    assert tag["met"] is False and tag["shortfall"] == pytest.approx(0.05) and tag["reference_policy"] == "arm:a"
+    assert tg["ours >= best arm on tag, success@10"]["met"] is True
+    head = tg["ours head-band success@10 >= 0.9"]
+    assert head["met"] is None and "no head-band rows" in head["note"]
+    assert all(e["met"] is None for e in targets_section(rep) if e["kind"] in ("ablation", "ope"))
+    md = targets_table(rep)
+    assert "| ours > oracle, ndcg@10 | 0.300 | 0.400 (oracle) | **no** | 0.100 |" in md
+
+
+def test_focus_policies():
+    def pol(ndcg):
+        return {"last_third": {"overall": {"n": 3, "ndcg": ndcg}, "by_type": {}}}
+
+    names = {"random": 0.1, "arm:a": 0.2, "arm:b": 0.3, "hybrid_rrf": 0.35, "ours_no_memory": 0.2,
+             "ours": 0.4, "oracle": 0.5, "epsilon_greedy": 0.3, "all_arms": 0.3, "ours_equal_budgets": 0.1}
+    rep = {"policies": {n: pol(v) for n, v in names.items()}, "best_static_last_third": "hybrid_rrf"}
+    assert focus_policies(rep) == ["ours", "ours_equal_budgets", "ours_no_memory", "oracle", "hybrid_rrf",
+                                   "arm:b", "epsilon_greedy"]
+    rep["best_static_last_third"] = "arm:b"
+    assert focus_policies(rep) == ["ours", "ours_equal_budgets", "ours_no_memory", "oracle", "arm:b",
+                                   "epsilon_greedy", "hybrid_rrf"]
+    rep = {"policies": {"arm:a": pol(0.1), "random": pol(0.2)}, "best_static_last_third": "missing"}
+    assert focus_policies(rep) == ["arm:a"]
+    assert focus_policies({"policies": {}}) == []
