@@ -336,8 +336,8 @@ class LinearThompsonSelector(_ThompsonBase):
         self._loaded_at = 0.0
         self._refreshing = False
         self._stats_cache: dict[str, Any] = {}
-        #: component -> (statistics and prior it was computed from, posterior)
-        self._posterior_cache: dict[str, tuple[tuple[Any, ...], _Posterior]] = {}
+        #: component -> (the bytes of the ``A`` it inverts, (lam I + A)^-1)
+        self._inverse_cache: dict[str, tuple[bytes, np.ndarray]] = {}
 
     def get_params(self) -> dict[str, Any]:
         return {**super().get_params(), "exploration": self.exploration, "ridge": self.ridge,
@@ -367,21 +367,20 @@ class LinearThompsonSelector(_ThompsonBase):
         return out
 
     def _posterior(self, comp: str, st: Any, prior: np.ndarray) -> _Posterior:
-        """``N(mu, v^2 (lam I + A)^-1)`` with ``mu = (lam I + A)^-1 (b + lam prior)``, cached
-        per component while its statistics and prior are unchanged: a refresh reloads every
-        arm's statistics, but one search changes only the components of the arms it ran, and
-        the d x d inverse is the cost of a refresh (exactly the same numbers either way)."""
+        """``N(mu, v^2 (lam I + A)^-1)`` with ``mu = (lam I + A)^-1 (b + lam prior)``. The
+        d x d inverse (the cost of a refresh) is cached per component while its ``A`` is
+        unchanged: a refresh reloads every arm's statistics, but one search changes only the
+        arms it ran (a pooled prior that moved only changes ``mu``, a matrix-vector
+        product). Exactly the same numbers either way."""
         A = np.ascontiguousarray(st.A, dtype=float)
-        b = np.ascontiguousarray(st.b, dtype=float)
-        p = np.ascontiguousarray(prior, dtype=float)
-        key = (float(st.n), A.tobytes(), b.tobytes(), p.tobytes())
-        hit = self._posterior_cache.get(comp)
+        key = A.tobytes()
+        hit = self._inverse_cache.get(comp)
         if hit is not None and hit[0] == key:
-            return hit[1]
-        inv = np.linalg.inv(self.ridge * np.eye(self.store.dim) + A)
-        post = _Posterior(inv @ (b + self.ridge * p), self.exploration ** 2 * inv, st.n)
-        self._posterior_cache[comp] = (key, post)
-        return post
+            inv = hit[1]
+        else:
+            inv = np.linalg.inv(self.ridge * np.eye(self.store.dim) + A)
+            self._inverse_cache[comp] = (key, inv)
+        return _Posterior(inv @ (st.b + self.ridge * prior), self.exploration ** 2 * inv, st.n)
 
     def refresh(self, arms: Sequence[ArmSpec]) -> None:
         """Reload statistics for ``arms`` from the store and recompute their posteriors."""

@@ -228,8 +228,9 @@ def test_baseline_subset_propensities_are_exact():
 
 
 def test_posterior_cache_recomputes_only_changed_components(monkeypatch):
-    """A refresh reloads every arm; only components whose statistics (or prior) changed pay
-    the d x d inverse again, and the cached posteriors equal freshly computed ones."""
+    """A refresh reloads every arm; only components whose ``A`` changed pay the d x d inverse
+    again (a moved pooled prior only changes the mean), and the cached posteriors equal
+    freshly computed ones."""
     store = InMemoryBanditStore(dim=FEAT.dim)
     sel = LinearThompsonSelector(store, refresh_interval_s=0, random_state=0)
     train(sel, rounds=5)
@@ -242,7 +243,7 @@ def test_posterior_cache_recomputes_only_changed_components(monkeypatch):
     sel.partial_fit(KNOWN, [ArmReward("lexical", "lexical.v1", 1.0, 1.0, LEX.action_features)])
     sel.refresh(ARMS)
     n_comps = len(sel._components(ARMS))
-    assert 0 < len(calls) < n_comps         # the updated arm and the pooled priors it feeds
+    assert 0 < len(calls) < n_comps         # the updated arm and its pooled components
     monkeypatch.setattr(np.linalg, "inv", real_inv)
     fresh = LinearThompsonSelector(store, refresh_interval_s=0, random_state=0)
     fresh.refresh(ARMS)
