@@ -655,9 +655,12 @@ def simulate(
     typer.echo(f"oracle plans: {report['oracle_plans']}")
     rt = report.get("retraining", {})
     if rt.get("runs"):
-        typer.echo(f"retraining: {len(rt['runs'])} runs, {rt.get('promotions', 0)} ranker "
-                   f"promotions, final rescorer v{rt.get('final_rescorer_version', 0)} (the Q2E "
-                   f"memory and QU jobs were skipped: they write shared catalog/model state)")
+        typer.echo(f"retraining: {len(rt['runs'])} chain runs over the learning policies, "
+                   f"{rt.get('promotions', 0)} ranker promotions (each policy on its own events "
+                   f"index, memory clone and model folder; QU retraining only with --train-qu)")
+    met = [t for t in report.get("targets", []) if t.get("met") is not None]
+    if met:
+        typer.echo(f"targets: {sum(1 for t in met if t['met'])}/{len(met)} met (table.md)")
     typer.echo(f"seconds: {report['seconds']}; wrote {', '.join(report['files'])} to {out_dir}")
 
 

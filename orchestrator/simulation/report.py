@@ -174,9 +174,13 @@ def repeated_share(rows: Sequence[Mapping[str, Any]]) -> float | None:
     return _r(rep / len(rows)) if rows else None
 
 
-def new_items_section(per: Mapping[str, Sequence[Mapping[str, Any]]], *, release_at: int) -> dict[str, Any]:
-    """Per policy: distinct new (held-out) items shown / clicked, and the rounds from their
-    release to the first show and the first click (median, p90)."""
+def new_items_section(per: Mapping[str, Sequence[Mapping[str, Any]]], *, release_at: int,
+                      t_from: int | None = None) -> dict[str, Any]:
+    """Per policy: distinct new (held-out) items shown / clicked, the rounds from their
+    release to the first show and the first click (median, p90; only comparable between
+    policies that ran from the release on), and on the rounds ``t >= t_from`` (the last
+    third, which every policy ran) the success@10 of the queries whose relevant set holds new
+    items (``last_third``)."""
     out: dict[str, Any] = {}
     for name, rows in per.items():
         first_show: dict[str, int] = {}
@@ -195,7 +199,14 @@ def new_items_section(per: Mapping[str, Sequence[Mapping[str, Any]]], *, release
         out[name] = {"n_shown": len(first_show), "n_clicked": len(first_click),
                      "rounds_to_first_show": delays(first_show),
                      "rounds_to_first_click": delays(first_click),
-                     "rounds_with_new_relevant": sum(1 for r in rows if r.get("n_new_relevant"))}
+                     "rounds_with_new_relevant": sum(1 for r in rows if r.get("n_new_relevant")),
+                     "ran_from": min((r["t"] for r in rows), default=None)}
+        if t_from is not None:
+            late = [r for r in rows if r["t"] >= t_from and r.get("n_new_relevant")]
+            out[name]["last_third"] = {
+                "n": len(late), "success": _r(_mean([r["success"] for r in late])),
+                "new_shown": _r(_mean([float(bool(r.get("new_shown"))) for r in late])),
+                "new_clicked": _r(_mean([float(bool(r.get("new_clicked"))) for r in late]))}
     return out
 
 
@@ -323,7 +334,7 @@ def report_from_rows(rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, 
             "policies": {n: {"n": len(v), "success_at_10": _r(_mean([r["success"] for r in v])),
                              "ndcg_at_10": _r(_mean([r["ndcg"] for r in v]))}
                          for n, v in unseen_per.items()}},
-        "new_items": new_items_section(per, release_at=release_at),
+        "new_items": new_items_section(per, release_at=release_at, t_from=t3),
         "new_items_release": dict(release) if release else None,
         "learning": dict(learning or {}),
         "notes": list(notes or []),
@@ -717,10 +728,42 @@ def _write(report: dict[str, Any], rows: Sequence[Mapping[str, Any]], out_dir: P
     report["files"] = files
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     # table.md starts with the overall table (readers and tests expect "| policy |" first)
-    parts = [table(report), targets_table(report), last_third_table(report), retrain_table(report),
-             ope_table(report)]
+    parts = [table(report), targets_table(report), last_third_table(report),
+             new_items_table(report), retrain_table(report), ope_table(report)]
     (out_dir / "table.md").write_text("\n\n".join(p for p in parts if p) + "\n", encoding="utf-8")
     return report
+
+
+def new_items_table(report: Mapping[str, Any]) -> str:
+    """New items: per policy, the rounds from the release to the first show / click and, on
+    the last third, how queries for new items fare ("" without a release)."""
+    rel = report.get("new_items_release") or {}
+    items = report.get("new_items") or {}
+    if not rel or not items:
+        return ""
+    released = (rel.get("released") or {}).get("catalog", {}).get("entities", {})
+    lines = [f"New items: {rel.get('held_out')} held-out entities (cutoff {rel.get('cutoff')}; "
+             f"released {released}), released at round "
+             f"{int(float(report['config'].get('release_at_fraction') or 0) * int(report['config'].get('rounds') or 0))}; "
+             "rounds from the release (only comparable between policies that ran from it)",
+             "",
+             "| policy | ran from | new items shown | clicked | rounds to first show (median / p90) "
+             "| to first click (median / p90) | last third: n | success@10 | a new item shown | clicked |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def mp(d: Mapping[str, Any]) -> str:
+        return f"{d.get('median')} / {d.get('p90')}" if d.get("median") is not None else "–"
+
+    def fmt(x: float | None) -> str:
+        return "–" if x is None else f"{x:.3f}"
+
+    for name, v in items.items():
+        lt = v.get("last_third") or {}
+        lines.append(f"| {name} | {v.get('ran_from')} | {v['n_shown']} | {v['n_clicked']} | "
+                     f"{mp(v['rounds_to_first_show'])} | {mp(v['rounds_to_first_click'])} | "
+                     f"{lt.get('n', '–')} | {fmt(lt.get('success'))} | {fmt(lt.get('new_shown'))} | "
+                     f"{fmt(lt.get('new_clicked'))} |")
+    return "\n".join(lines)
 
 
 def focus_policies(report: Mapping[str, Any]) -> list[str]:

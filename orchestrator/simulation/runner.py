@@ -39,6 +39,14 @@ Cost: the policies of a round run concurrently (``workers`` threads; each orches
 used by one thread at a time and the records are collected in policy order); static
 policies only run from ``static_from_fraction * rounds`` on. After the stream, a final pass
 over ``sources.playlists_unseen`` (``phase="unseen"``, no feedback) for every policy.
+
+New items (``new_items_fraction > 0``): the newest releases
+(:func:`orchestrator.catalog.hold_out_newest`) are deleted from a ``_clone`` of the catalog
+that every policy searches, and from every memory clone (one per learning policy, one shared
+by the static policies); before round ``release_at`` no relevant set holds them; at
+``release_at`` they go in through :func:`orchestrator.ingest.add_entities` (embeddings,
+catalog write, memory cold start), and from then on known-item queries ask for them too
+(:mod:`orchestrator.simulation.releases`). Rounds record the new items shown and clicked.
 """
 
 from __future__ import annotations

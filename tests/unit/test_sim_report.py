@@ -218,3 +218,25 @@ def test_focus_policies():
     rep = {"policies": {"arm:a": pol(0.1), "random": pol(0.2)}, "best_static_last_third": "missing"}
     assert focus_policies(rep) == ["arm:a"]
     assert focus_policies({"policies": {}}) == []
+
+
+def test_new_items_section_last_third_and_table():
+    from orchestrator.simulation.report import new_items_section, new_items_table
+
+    def row(t, success, new_shown=(), new_clicked=(), n_new=0):
+        return {"t": t, "success": success, "new_shown": list(new_shown),
+                "new_clicked": list(new_clicked), "n_new_relevant": n_new}
+
+    per = {"ours": [row(0, 0.0), row(5, 1.0, ["track:n1"], ["track:n1"], 1), row(9, 0.0, n_new=1)],
+           "arm:x": [row(9, 1.0, ["track:n1"], n_new=1)]}
+    sec = new_items_section(per, release_at=4, t_from=6)
+    assert sec["ours"]["rounds_to_first_show"]["median"] == 1.0     # shown at 5, released at 4
+    assert sec["ours"]["last_third"] == {"n": 1, "success": 0.0, "new_shown": 0.0,
+                                         "new_clicked": 0.0}
+    assert sec["arm:x"]["ran_from"] == 9 and sec["arm:x"]["last_third"]["success"] == 1.0
+    report = {"new_items": sec, "config": {"rounds": 12, "release_at_fraction": 1 / 3},
+              "new_items_release": {"held_out": 3, "cutoff": "2024-06-21",
+                                    "released": {"catalog": {"entities": {"track": 3}}}}}
+    text = new_items_table(report)
+    assert "released at round 4" in text and "| arm:x | 9 | 1 | 0 |" in text
+    assert new_items_table({"new_items": sec, "config": {}}) == ""
