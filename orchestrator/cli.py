@@ -603,6 +603,8 @@ def simulate(
              "clone and ingested with `add_entities` at --release-at-fraction (0: off).")] = 0.02,
     release_at_fraction: Annotated[float, typer.Option(
         help="Round of the new-item release, as a fraction of --rounds.")] = 0.33,
+    uniform_share: Annotated[float, typer.Option(
+        help="Share of ours' searches with a uniformly drawn arm subset (OPE support).")] = 0.0,
     workers: Annotated[int, typer.Option(help="Policies searched concurrently per round.")] = 4,
     unseen_eval_max: Annotated[int, typer.Option(
         help="Final no-feedback pass over at most N unseen playlist titles.")] = 200,
@@ -639,7 +641,7 @@ def simulate(
         compare_no_retrain=compare_no_retrain, model_dir=model_dir,
         memory_every=max(memory_every, 0), move_every=max(move_every, 0), zipf=zipf,
         static_from_fraction=static_from_fraction, new_items_fraction=new_items_fraction,
-        release_at_fraction=release_at_fraction,
+        release_at_fraction=release_at_fraction, uniform_share=uniform_share,
         workers=max(workers, 1), unseen_eval_max=max(unseen_eval_max, 0), train_qu=train_qu,
     )
     sim = Simulation(cfg, s, es=client, redis=r, alias=alias)

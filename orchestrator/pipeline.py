@@ -106,7 +106,7 @@ BANDIT_DEFAULTS: dict[str, Any] = {
     "min_budget": 10, "n_resamples": 200, "hash_dim": 64, "exploration": 0.5, "ridge": 1.0,
     "prior_mean": 0.5, "refresh_interval_s": 1.0, "seed": None,
     "bucket_keys": ("intent", "daypart"), "budget_mode": "learned", "budget_levels": (10, 20, 40),
-    "budget_cost_per_candidate": 0.002,
+    "budget_cost_per_candidate": 0.002, "uniform_share": 0.0,
 }
 FEEDBACK_DEFAULTS: dict[str, Any] = {
     "impression_ttl_s": 7 * 24 * 3600, "stream_maxlen": 200_000, "position_bias": "log2",
@@ -484,7 +484,7 @@ class Orchestrator:
         if selector is None:
             common = {k: b[k] for k in ("min_arms", "max_arms", "threshold", "min_budget",
                                         "n_resamples", "budget_mode", "budget_levels",
-                                        "budget_cost_per_candidate")}
+                                        "budget_cost_per_candidate", "uniform_share")}
             if b["policy"] == "linear":
                 selector = LinearThompsonSelector(
                     store, exploration=b["exploration"], ridge=b["ridge"], prior_mean=b["prior_mean"],

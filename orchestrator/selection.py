@@ -200,10 +200,17 @@ class _ThompsonBase:
                  budget_mode: BudgetMode = "learned",
                  budget_levels: Sequence[int] = DEFAULT_LEVELS,
                  budget_cost_per_candidate: float = 0.002,
+                 uniform_share: float = 0.0,
                  random_state: int | np.random.Generator | None = None) -> None:
         if not 1 <= min_arms <= max_arms:
             raise ConfigurationError(f"need 1 <= min_arms <= max_arms, got {min_arms}, {max_arms}")
+        if not 0.0 <= uniform_share <= 1.0:
+            raise ConfigurationError(f"uniform_share must be in [0, 1], got {uniform_share}")
         self.store = store
+        #: Share of decisions whose arm subset is drawn uniformly (as UniformRandomSelector)
+        #: instead of by Thompson sampling: support for off-policy evaluation of plans the
+        #: posterior rarely picks. Logged propensities are the mixture's.
+        self.uniform_share = float(uniform_share)
         self.min_arms = min_arms
         self.max_arms = max_arms
         self.threshold = threshold
@@ -225,7 +232,7 @@ class _ThompsonBase:
         return {k: getattr(self, k) for k in ("min_arms", "max_arms", "threshold", "min_budget",
                                               "budget_floor", "n_resamples", "budget_mode",
                                               "budget_levels", "budget_cost_per_candidate",
-                                              "random_state")}
+                                              "uniform_share", "random_state")}
 
     def _draws(self, context: SelectionContext, arms: Sequence[ArmSpec],
                n_rows: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
@@ -246,11 +253,26 @@ class _ThompsonBase:
         mask = inclusion_mask(draws, min_arms=self.min_arms, max_arms=self.max_arms,
                               threshold=self.threshold)
         prop = mask.mean(axis=0)
-        # Joint propensity of the chosen subset (Monte Carlo over the same draws). Budgets are
-        # positive for every kept arm whenever total_budget >= number of kept arms.
-        p_subset = float((mask == mask[0]).all(axis=1).mean())
+        target = mask[0]
+        eps = self.uniform_share
+        if eps > 0.0:
+            k = len(arms)
+            lo, hi = min(self.min_arms, k), min(self.max_arms, k)
+            with self._lock:
+                explore = bool(self.rng_.random() < eps)
+                if explore:
+                    target = np.zeros(k, dtype=bool)
+                    target[random_subset(self.rng_, k, lo, hi)] = True
+        # Joint propensity of the chosen subset (Monte Carlo over the same draws; with a
+        # uniform share, the mixture of that and the uniform draw's exact probability).
+        # Budgets are positive for every kept arm whenever total_budget >= number kept.
+        p_subset = float((mask == target).all(axis=1).mean())
+        if eps > 0.0:
+            p_arm, p_uniform = random_subset_propensities(k, lo, hi, int(target.sum()))
+            p_subset = (1.0 - eps) * p_subset + eps * p_uniform
+            prop = (1.0 - eps) * prop + eps * p_arm
         first = draws[0]
-        chosen = [i for i in np.argsort(-first, kind="stable") if mask[0, i]]
+        chosen = [i for i in np.argsort(-first, kind="stable") if target[i]]
         with self._lock:
             plan = self.budgets_.plan(
                 context, [arms[i].template_id for i in chosen],

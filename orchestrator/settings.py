@@ -92,6 +92,10 @@ class BanditSettings(BaseModel):
     budget_levels: tuple[int, ...] = (10, 20, 40)
     #: Level rule ``argmax_l p_l - budget_cost_per_candidate * l``.
     budget_cost_per_candidate: float = Field(0.002, ge=0)
+    #: Share of searches whose arm subset is drawn uniformly at random instead of by Thompson
+    #: sampling (logged propensities are the mixture's): gives off-policy evaluation support
+    #: for plans the posterior rarely picks, at the cost of those searches' quality.
+    uniform_share: float = Field(0.0, ge=0, le=1)
     #: Hashed context slots for the open vocabularies (``orchestrator.featurizer``); a change
     #: changes the state's dimension: run ``ltrr migrate-posteriors``.
     hash_dim: int = Field(64, ge=1)

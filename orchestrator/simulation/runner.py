@@ -148,6 +148,9 @@ class SimConfig:
     #: supports them (None: its default).
     zipf: float | None = None
     n_users: int | None = None
+    #: Share of the ``ours*`` policies' searches whose arm subset is drawn uniformly
+    #: (``bandit.uniform_share``: off-policy evaluation support; 0: Thompson sampling only).
+    uniform_share: float = 0.0
     #: New-item ingestion (held-out newest items released during the run; 0: off).
     new_items_fraction: float = 0.0
     release_at_fraction: float = 0.33
@@ -476,6 +479,8 @@ class Simulation:
                                   "refresh_interval_s": 0.0}
         if spec.budget_mode:
             bandit["budget_mode"] = spec.budget_mode
+        if spec.kind == "ours" and c.uniform_share > 0:
+            bandit["uniform_share"] = c.uniform_share
         selector: Any = None
         if spec.kind in ("fixed", "oracle"):
             selector = FixedPlanSelector(plan if plan is not None else spec.plan)

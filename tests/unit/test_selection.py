@@ -250,3 +250,43 @@ def test_posterior_cache_recomputes_only_changed_components(monkeypatch):
     for comp, post in fresh.posteriors_.items():
         np.testing.assert_array_equal(sel.posteriors_[comp].mu, post.mu)
         np.testing.assert_array_equal(sel.posteriors_[comp].cov, post.cov)
+
+
+def test_uniform_share_mixes_subsets_and_logs_the_mixture_propensity():
+    """With ``uniform_share``, a share of decisions draws the subset uniformly: every subset
+    the uniform rule can produce now appears, and each subset's empirical frequency matches
+    its mean logged (mixture) propensity; per-arm propensities match inclusion frequencies."""
+    def make(share):
+        sel = LinearThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), random_state=5,
+                                     refresh_interval_s=0, n_resamples=400, **OLD_SCALE,
+                                     budget_mode="proportional", uniform_share=share)
+        for _ in range(40):  # a confident posterior: Thompson alone picks few subsets
+            for ctx, good in ((KNOWN, "lexical.v1"), (BROWSE, "genre.v1")):
+                sel.partial_fit(ctx, rewards_for(sel.select(ctx, ARMS, total_budget=60), good))
+        return sel
+
+    n = 3000
+    counts = {}
+    for share in (0.0, 0.3):
+        sel = make(share)
+        seen: dict[frozenset, list[float]] = {}
+        incl = {a.template_id: 0 for a in ARMS}
+        prop = {a.template_id: [] for a in ARMS}
+        for _ in range(n):
+            d = sel.select(KNOWN, ARMS, total_budget=60)
+            s = frozenset(c.template_id for c in d.choices)
+            seen.setdefault(s, []).append(d.subset_propensity)
+            for tid in s:
+                incl[tid] += 1
+            for tid, q in d.propensities.items():
+                prop[tid].append(q)
+        counts[share] = seen
+        if share:
+            for s, logged in seen.items():
+                assert abs(len(logged) / n - float(np.mean(logged))) < 0.03, (sorted(s), len(logged) / n)
+            for tid in incl:
+                assert abs(incl[tid] / n - float(np.mean(prop[tid]))) < 0.03, tid
+            assert min(float(np.mean(v)) for v in seen.values()) >= 0.3 / 3 / 3 - 1e-9
+    assert len(counts[0.3]) == 7 > len(counts[0.0])   # all 1-3-arm subsets of 3 arms
+    with pytest.raises(ConfigurationError):
+        LinearThompsonSelector(InMemoryBanditStore(dim=FEAT.dim), uniform_share=1.5)
