@@ -219,3 +219,20 @@ def test_memory_knows_the_query_feature_reaches_the_context(make_orch, redis_cli
     unknown = orch.explain(orch.search("so what", size=5).request_id)["selection"]["features"]
     assert any(f.startswith("memory=") and f != "memory=0" for f in known), known
     assert "memory=0" in unknown, unknown
+
+
+def test_uniform_share_reaches_the_serving_selector(make_orch):
+    """``bandit.uniform_share`` goes through from_settings to the Thompson selector: with a
+    share of 1 every search draws its subset uniformly and logs its exact probability."""
+    import math
+
+    orch = make_orch(uniform_share=1.0)
+    assert orch.selector.uniform_share == 1.0
+    for q in ("take five", "so what", "blue in green"):
+        resp = orch.search(q, size=10)
+        d = resp.decision
+        k = len(d.propensities)
+        lo, hi = min(orch.selector.min_arms, k), min(orch.selector.max_arms, k)
+        size = len(d.choices)
+        assert d.subset_propensity == pytest.approx(1.0 / (hi - lo + 1) / math.comb(k, size))
+        assert all(p == pytest.approx((lo + hi) / 2 / k) for p in d.propensities.values())
