@@ -239,6 +239,51 @@ def _write_index(client: Elasticsearch, alias: str) -> str:
     raise IngestError(f"alias {alias!r} points at {sorted(body)} and has no write index")
 
 
+def cold_start_memory(es: Elasticsearch, settings: Any, docs: Iterable[dict[str, Any]],
+                      memory_alias: str, *, skip_ids: Iterable[str] = (),
+                      thread_count: int | None = None) -> dict[str, Any]:
+    """Create the predicted Q2E pairs of entity ``docs`` in ``memory_alias``
+    (:func:`orchestrator.memory.predicted_pair_documents`; create-only: existing pairs,
+    possibly with learned clicks, are left untouched), then refresh. Documents whose id is
+    in ``skip_ids`` (e.g. rejected by the catalog) get none. Returns counts and seconds."""
+    from .memory import ensure_memory_index, predicted_pair_documents
+
+    t0 = time.perf_counter()
+    skip = set(skip_ids)
+    ensure_memory_index(es, memory_alias, mappings_dir=settings.ingest.mappings_dir)
+    prior_strength, min_score = settings.memory.prior_strength, settings.memory.min_score
+
+    def actions() -> Iterator[dict[str, Any]]:
+        for d in docs:
+            eid = doc_id(d)
+            if eid in skip:
+                continue
+            for pid, pdoc in predicted_pair_documents(d, entity_id=eid,
+                                                      prior_strength=prior_strength,
+                                                      min_score=min_score):
+                yield {"_op_type": "create", "_index": memory_alias, "_id": pid, "_source": pdoc}
+
+    pairs = existing = failed = 0
+    for ok, info in helpers.parallel_bulk(
+        es.options(request_timeout=120), actions(),
+        thread_count=thread_count or settings.ingest.thread_count,
+        chunk_size=2000, raise_on_error=False, raise_on_exception=False,
+    ):
+        if ok:
+            pairs += 1
+            continue
+        item = next(iter(info.values()))
+        if item.get("status") == 409:
+            existing += 1
+        else:
+            failed += 1
+            if failed <= 5:
+                logger.warning("memory pair %s rejected: %s", item.get("_id"), item.get("error"))
+    es.indices.refresh(index=memory_alias)
+    return {"memory_alias": memory_alias, "pairs": pairs, "pairs_existing": existing,
+            "pairs_failed": failed, "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def add_entities(es: Elasticsearch, settings: Any,
                  builder_or_docs: CatalogBuilder | Iterable[dict[str, Any]], *,
                  alias: str | None = None, memory_alias: str | None = None,
@@ -260,7 +305,6 @@ def add_entities(es: Elasticsearch, settings: Any,
     Returns counts and seconds.
     """
     from .embeddings import get_encoder
-    from .memory import ensure_memory_index, predicted_pair_documents
     from .memory import memory_alias as _memory_alias
 
     t0 = time.perf_counter()
@@ -327,44 +371,17 @@ def add_entities(es: Elasticsearch, settings: Any,
     index_s = time.perf_counter() - t1
 
     # Cold start of the memory: the predicted pairs of the added entities.
-    t2 = time.perf_counter()
-    ensure_memory_index(es, memory_alias, mappings_dir=settings.ingest.mappings_dir)
-    prior_strength, min_score = settings.memory.prior_strength, settings.memory.min_score
-    pair_actions = []
-    for d in docs:
-        eid = doc_id(d)
-        if eid in failed_ids:
-            continue
-        for pid, pdoc in predicted_pair_documents(d, entity_id=eid, prior_strength=prior_strength,
-                                                  min_score=min_score):
-            pair_actions.append({"_op_type": "create", "_index": memory_alias, "_id": pid,
-                                 "_source": pdoc})
-    pairs = existing = pair_failed = 0
-    for ok, info in helpers.parallel_bulk(
-        es.options(request_timeout=120), pair_actions, thread_count=indexer.thread_count,
-        chunk_size=2000, raise_on_error=False, raise_on_exception=False,
-    ):
-        if ok:
-            pairs += 1
-            continue
-        item = next(iter(info.values()))
-        if item.get("status") == 409:
-            existing += 1
-        else:
-            pair_failed += 1
-            if pair_failed <= 5:
-                logger.warning("memory pair %s rejected: %s", item.get("_id"), item.get("error"))
-    es.indices.refresh(index=memory_alias)
-    memory_s = time.perf_counter() - t2
+    mem = cold_start_memory(es, settings, docs, memory_alias, skip_ids=failed_ids,
+                            thread_count=indexer.thread_count)
 
     kinds = Counter(d["entity_type"] for d in docs)
     return {
         "alias": cat_alias, "index": index, "docs": len(docs), "entities": dict(kinds),
         "indexed": summary.indexed, "replaced": len(exposure), "failed": dict(summary.failed),
-        "memory_alias": memory_alias, "pairs": pairs, "pairs_existing": existing,
-        "pairs_failed": pair_failed,
+        "memory_alias": memory_alias, "pairs": mem["pairs"],
+        "pairs_existing": mem["pairs_existing"], "pairs_failed": mem["pairs_failed"],
         "build_report": builder.report.as_dict() if builder is not None else {},
         "build_seconds": round(build_s, 2), "embed_seconds": round(summary.embed_seconds, 2),
-        "index_seconds": round(index_s, 2), "memory_seconds": round(memory_s, 2),
+        "index_seconds": round(index_s, 2), "memory_seconds": mem["seconds"],
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -28,6 +28,7 @@ from elasticsearch import Elasticsearch, NotFoundError, helpers
 
 from ..catalog import CatalogBuilder, HoldOut, doc_id
 from ..errors import IngestError
+from ..ingest import cold_start_memory
 
 logger = logging.getLogger(__name__)
 
@@ -215,48 +216,6 @@ def prepare_catalog(es: Elasticsearch, settings: Any, *, run_id: str, hold_out: 
     removed["seconds"] = round(time.perf_counter() - t0, 2)
     logger.info("release prepared: %s", removed)
     return rel
-
-
-def cold_start_memory(es: Elasticsearch, settings: Any, docs: Iterable[dict[str, Any]],
-                      memory_alias: str, *, skip_ids: Iterable[str] = ()) -> dict[str, Any]:
-    """Create the predicted pairs of ``docs`` in ``memory_alias`` (create-only: existing
-    pairs, possibly learned, are left untouched), refresh: the memory part of
-    :func:`orchestrator.ingest.add_entities` without its catalog write."""
-    from ..memory import ensure_memory_index, predicted_pair_documents
-
-    t0 = time.perf_counter()
-    skip = set(skip_ids)
-    ensure_memory_index(es, memory_alias, mappings_dir=settings.ingest.mappings_dir)
-    prior_strength, min_score = settings.memory.prior_strength, settings.memory.min_score
-
-    def actions() -> Iterator[dict[str, Any]]:
-        for d in docs:
-            eid = doc_id(d)
-            if eid in skip:
-                continue
-            for pid, pdoc in predicted_pair_documents(d, entity_id=eid,
-                                                      prior_strength=prior_strength,
-                                                      min_score=min_score):
-                yield {"_op_type": "create", "_index": memory_alias, "_id": pid, "_source": pdoc}
-
-    pairs = existing = failed = 0
-    for ok, info in helpers.parallel_bulk(
-        es.options(request_timeout=120), actions(), thread_count=settings.ingest.thread_count,
-        chunk_size=2000, raise_on_error=False, raise_on_exception=False,
-    ):
-        if ok:
-            pairs += 1
-            continue
-        item = next(iter(info.values()))
-        if item.get("status") == 409:
-            existing += 1
-        else:
-            failed += 1
-            if failed <= 5:
-                logger.warning("memory pair %s rejected: %s", item.get("_id"), item.get("error"))
-    es.indices.refresh(index=memory_alias)
-    return {"memory_alias": memory_alias, "pairs": pairs, "pairs_existing": existing,
-            "pairs_failed": failed, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _present(es: Elasticsearch, index: str, ids: Sequence[str]) -> set[str]:
