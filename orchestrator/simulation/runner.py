@@ -430,20 +430,28 @@ class Simulation:
         if src is None:
             self.notes.append(f"no memory index behind {src_alias}: policies start empty")
             return
-        try:
-            self.es.indices.put_settings(index=src, settings={"index.blocks.write": True})
-            for name in policies:
-                target = self.memory_index(name)
-                self.es.indices.clone(index=src, target=target,
-                                      settings={"index.number_of_replicas": 0},
-                                      aliases={self.memory_clones[name]: {"is_write_index": True}},
-                                      wait_for_active_shards="1")
-        finally:
-            self.es.indices.put_settings(index=src, settings={"index.blocks.write": None})
+        with self.clone_lock(src):
+            try:
+                self.es.indices.put_settings(index=src, settings={"index.blocks.write": True})
+                for name in policies:
+                    target = self.memory_index(name)
+                    self.es.indices.clone(
+                        index=src, target=target, settings={"index.number_of_replicas": 0},
+                        aliases={self.memory_clones[name]: {"is_write_index": True}},
+                        wait_for_active_shards="1")
+            finally:
+                self.es.indices.put_settings(index=src, settings={"index.blocks.write": None})
         for name in policies:
             self.es.indices.put_settings(index=self.memory_index(name),
                                          settings={"index.blocks.write": None})
         self.es.indices.refresh(index=",".join(self.memory_index(n) for n in policies))
+
+    def clone_lock(self, index: str) -> Any:
+        """A Redis lock around write-block -> ``_clone`` -> unblock of ``index``: two runs
+        cloning the same source at once would otherwise unblock it under each other's clone
+        ("must be read-only to resize index")."""
+        return self.redis.lock(f"{self.config.prefix_root}clone-lock:{index}", timeout=600,
+                               blocking_timeout=900)
 
     def memory_pairs(self, policy: str) -> int:
         """Documents in a policy's memory clone (0 when it does not exist)."""
@@ -786,10 +794,14 @@ class Simulation:
         assert self.hold_out is not None
         self.clone_memories([*learners, STATIC_MEMORY])
         genres = set(self.config.genres) if self.config.genres else None
-        self.release = prepare_catalog(
-            self.es, self.settings, run_id=self.run_id, hold_out=self.hold_out,
-            source_alias=self.source_alias, memory_aliases=list(self.memory_clones.values()),
-            genres=genres, prebuild=self._release_docs is None)
+        source = self.source_alias or self.settings.es.catalog_alias
+        physical = sorted(self.es.indices.get_alias(name=source)) if \
+            self.es.indices.exists_alias(name=source) else [source]
+        with self.clone_lock(physical[0]):
+            self.release = prepare_catalog(
+                self.es, self.settings, run_id=self.run_id, hold_out=self.hold_out,
+                source_alias=self.source_alias, memory_aliases=list(self.memory_clones.values()),
+                genres=genres, prebuild=self._release_docs is None)
         if self._release_docs is not None:
             self.release.docs = self._release_docs
         self.alias = self.release.catalog_alias

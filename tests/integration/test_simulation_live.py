@@ -216,3 +216,44 @@ def test_new_items_are_held_out_then_released_mid_run(es, redis_client, redis_pr
     assert any(r.new_shown for r in lexical), [(r.query, r.new_shown) for r in lexical]
     assert not es.indices.exists(index=rel["catalog_index"])
     assert es.count(index=catalog_slice)["count"] == n_slice
+
+
+def test_two_runs_clone_the_same_memory_at_once(es, redis_client, redis_prefix, settings,
+                                                catalog_slice, sources):
+    """Cloning a memory runs block -> clone -> unblock of the source under a Redis lock: a run
+    waits while another holds it (else one run unblocks the source under the other's clone:
+    "must be read-only to resize index"); two runs started together both get their clones and
+    the source is writable afterwards."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.memory import memory_alias
+
+    src = memory_alias(catalog_slice, settings.memory.alias)
+    src_index = sorted(es.indices.get_alias(name=src))[0]
+    sims = [Simulation(_config(redis_prefix, rounds=2, policies=["ours"], oracle=False),
+                       settings, es=es, redis=redis_client, alias=catalog_slice, sources=sources)
+            for _ in range(2)]
+    try:
+        held = sims[1].clone_lock(src_index)
+        assert held.acquire(blocking=False)
+        waiter = threading.Thread(target=sims[0].clone_memories, args=(["ours"],))
+        waiter.start()
+        time.sleep(1.5)
+        assert not es.indices.exists(index=sims[0].memory_index("ours"))  # waits for the lock
+        held.release()
+        waiter.join(timeout=120)
+        assert es.indices.exists(index=sims[0].memory_index("ours"))
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for f in [pool.submit(s.clone_memories, ["ours_no_memory", "ours_no_rescorer"])
+                      for s in sims]:
+                f.result()
+        for s in sims:
+            for name in ("ours_no_memory", "ours_no_rescorer"):
+                assert es.indices.exists(index=s.memory_index(name))
+    finally:
+        for s in sims:
+            s.cleanup()
+    blocks = es.indices.get_settings(index=src_index, name="index.blocks.write")
+    assert not blocks.body.get(src_index, {}).get("settings"), blocks
