@@ -288,7 +288,7 @@ def add_entities(es: Elasticsearch, settings: Any,
                  builder_or_docs: CatalogBuilder | Iterable[dict[str, Any]], *,
                  alias: str | None = None, memory_alias: str | None = None,
                  embeddings: bool = True, encoder: Encoder | None = None,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, cold_start: bool = True) -> dict[str, Any]:
     """Add (or re-emit) entity documents to the live catalog without a rebuild.
 
     The documents (a :class:`CatalogBuilder`, typically with ``only=HoldOut.ids``, or plain
@@ -301,6 +301,9 @@ def add_entities(es: Elasticsearch, settings: Any,
 
     ``memory_alias`` defaults to the memory of the catalog alias (``<alias>-memory``, or the
     configured ``memory.alias`` for the configured catalog alias).
+
+    ``cold_start=False`` leaves every memory alone (the caller cold-starts its own, e.g. with
+    :func:`cold_start_memory`; ``failed_ids`` in the result are the documents ES rejected).
 
     Returns counts and seconds.
     """
@@ -371,14 +374,16 @@ def add_entities(es: Elasticsearch, settings: Any,
     index_s = time.perf_counter() - t1
 
     # Cold start of the memory: the predicted pairs of the added entities.
-    mem = cold_start_memory(es, settings, docs, memory_alias, skip_ids=failed_ids,
-                            thread_count=indexer.thread_count)
+    mem = (cold_start_memory(es, settings, docs, memory_alias, skip_ids=failed_ids,
+                             thread_count=indexer.thread_count) if cold_start else
+           {"pairs": 0, "pairs_existing": 0, "pairs_failed": 0, "seconds": 0.0})
 
     kinds = Counter(d["entity_type"] for d in docs)
     return {
         "alias": cat_alias, "index": index, "docs": len(docs), "entities": dict(kinds),
         "indexed": summary.indexed, "replaced": len(exposure), "failed": dict(summary.failed),
-        "memory_alias": memory_alias, "pairs": mem["pairs"],
+        "failed_ids": sorted(failed_ids),
+        "memory_alias": memory_alias if cold_start else None, "pairs": mem["pairs"],
         "pairs_existing": mem["pairs_existing"], "pairs_failed": mem["pairs_failed"],
         "build_report": builder.report.as_dict() if builder is not None else {},
         "build_seconds": round(build_s, 2), "embed_seconds": round(summary.embed_seconds, 2),

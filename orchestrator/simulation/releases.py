@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from elasticsearch import Elasticsearch, NotFoundError, helpers
 
-from ..catalog import CatalogBuilder, HoldOut, doc_id
+from ..catalog import CatalogBuilder, HoldOut
 from ..errors import IngestError
 from ..ingest import cold_start_memory
 
@@ -86,15 +87,23 @@ def _physical(es: Elasticsearch, alias_or_index: str) -> str:
     raise IngestError(f"alias {alias_or_index!r} points at {sorted(body)} and has no write index")
 
 
-def clone_index(es: Elasticsearch, source: str, target: str, *,
-                alias: str | None = None) -> dict[str, Any]:
+def clone_index(es: Elasticsearch, source: str, target: str, *, alias: str | None = None,
+                lock: Callable[[str], AbstractContextManager[Any]] | None = None
+                ) -> dict[str, Any]:
     """``_clone`` the index behind ``source`` (alias or index) into ``target`` (replicas 0,
     ``alias`` as its write alias), writable. The source is write-blocked for the clone call
     only (its previous block state is restored in a ``finally``: a block set by someone
-    else's concurrent clone is left to them). Returns the source index and seconds."""
+    else's concurrent clone is left to them). ``lock(source index)``, when given, is held
+    around block -> clone -> unblock, so that concurrent clones of one source (several
+    processes) never unblock it under each other. Returns the source index and seconds."""
     src = _physical(es, source)
     if es.indices.exists(index=target):
         raise IngestError(f"{target} already exists (a previous run not cleaned up?)")
+    with lock(src) if lock is not None else nullcontext():
+        return _clone_blocked(es, src, target, alias)
+
+
+def _clone_blocked(es: Elasticsearch, src: str, target: str, alias: str | None) -> dict[str, Any]:
     cur = es.indices.get_settings(index=src, name="index.blocks.write", flat_settings=True).body
     was_blocked = str(cur.get(src, {}).get("settings", {}).get("index.blocks.write", "")).lower() \
         == "true"
@@ -177,19 +186,20 @@ def build_release_docs(settings: Any, rel: Release) -> list[dict[str, Any]]:
 
 def prepare_catalog(es: Elasticsearch, settings: Any, *, run_id: str, hold_out: HoldOut,
                     source_alias: str | None = None, memory_aliases: Sequence[str] = (),
-                    genres: Iterable[str] | None = None, prebuild: bool = True) -> Release:
+                    genres: Iterable[str] | None = None, prebuild: bool = True,
+                    lock: Callable[[str], AbstractContextManager[Any]] | None = None) -> Release:
     """Clone the index behind the catalog alias (``source_alias``, default the configured
     one) into ``ltrr-sim-<run>-catalog`` with the write alias ``<index>-alias``, delete the
     held-out documents from the clone (the source is untouched), refresh. ``memory_aliases``
     (memory clones made from the full catalog's memory) are purged of the held-out items'
     pairs and receive their cold start at release. ``prebuild`` builds the documents to
     release now (so the mid-run release only embeds and writes them); ``genres``: the
-    builder's genre filter when the source is a slice."""
+    builder's genre filter when the source is a slice; ``lock``: as :func:`clone_index`."""
     t0 = time.perf_counter()
     source_alias = source_alias or settings.es.catalog_alias
     index = catalog_index_name(run_id)
     alias = f"{index}-alias"
-    cloned = clone_index(es, source_alias, index, alias=alias)
+    cloned = clone_index(es, source_alias, index, alias=alias, lock=lock)
     try:
         t1 = time.perf_counter()
         deleted, missing = _delete_ids(es, index, sorted(hold_out.ids))
@@ -218,14 +228,6 @@ def prepare_catalog(es: Elasticsearch, settings: Any, *, run_id: str, hold_out: 
     return rel
 
 
-def _present(es: Elasticsearch, index: str, ids: Sequence[str]) -> set[str]:
-    found: set[str] = set()
-    for start in range(0, len(ids), _CHUNK):
-        res = es.mget(index=index, ids=list(ids[start:start + _CHUNK]), source=False)
-        found |= {d["_id"] for d in res["docs"] if d.get("found")}
-    return found
-
-
 def release(es: Elasticsearch, settings: Any, rel: Release, *, encoder: Any = None) -> dict[str, Any]:
     """Ingest the held-out entities into ``rel.catalog_alias`` with
     :func:`orchestrator.ingest.add_entities` (the held-out tracks plus the complete docs of
@@ -246,24 +248,15 @@ def release(es: Elasticsearch, settings: Any, rel: Release, *, encoder: Any = No
         if "embedding" in mapping["mappings"].get("properties", {}):
             encoder = get_encoder(settings.embedding)
     aliases = list(rel.memory_aliases)
-    # add_entities always cold-starts some memory: without a memory clone, a scratch one.
-    scratch = None if aliases else f"{rel.catalog_index}-scratch-memory"
-    try:
-        res = add_entities(es, settings, docs, alias=rel.catalog_alias,
-                           memory_alias=aliases[0] if aliases else scratch, encoder=encoder,
-                           embeddings=encoder is not None)
-    finally:
-        if scratch is not None:
-            _drop_alias(es, scratch)
+    res = add_entities(es, settings, docs, alias=rel.catalog_alias,
+                       memory_alias=aliases[0] if aliases else None, cold_start=bool(aliases),
+                       encoder=encoder, embeddings=encoder is not None)
     res["build_report"] = rel.build_report
     memory: dict[str, Any] = {}
     if aliases:
         memory[aliases[0]] = {k: res[k] for k in ("pairs", "pairs_existing", "pairs_failed")}
         memory[aliases[0]]["seconds"] = res["memory_seconds"]
-    skip: set[str] = set()
-    if res["failed"] and len(aliases) > 1:
-        ids = [doc_id(d) for d in docs]
-        skip = set(ids) - _present(es, rel.catalog_index, ids)
+    skip = set(res["failed_ids"])  # rejected by the catalog: no pairs in any memory
     for m in aliases[1:]:
         memory[m] = cold_start_memory(es, settings, docs, m, skip_ids=skip)
     for d in docs:  # the vectors are in the index now; do not keep ~1 KB per doc around
@@ -282,17 +275,6 @@ def release(es: Elasticsearch, settings: Any, rel: Release, *, encoder: Any = No
     return out
 
 
-def _drop_alias(es: Elasticsearch, alias: str) -> None:
-    try:
-        indices = list(es.indices.get_alias(name=alias).body)
-    except NotFoundError:
-        return
-    for i in indices:
-        es.indices.delete(index=i, ignore_unavailable=True)
-
-
 def cleanup(es: Elasticsearch, run_id: str) -> None:
     """Delete the run's catalog clone (and its alias with it)."""
-    index = catalog_index_name(run_id)
-    _drop_alias(es, f"{index}-scratch-memory")
-    es.indices.delete(index=index, ignore_unavailable=True)
+    es.indices.delete(index=catalog_index_name(run_id), ignore_unavailable=True)

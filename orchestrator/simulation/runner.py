@@ -85,7 +85,7 @@ from .policies import (
     standard_policies,
 )
 from .queries import QUERY_TYPES, QuerySources, QueryStream, SimQuery, load_new_items
-from .releases import Release, prepare_catalog, release
+from .releases import Release, clone_index, prepare_catalog, release
 from .releases import cleanup as release_cleanup
 from .users import ClickModel, make_click_model
 
@@ -409,9 +409,10 @@ class Simulation:
         return f"ltrr-sim-{self.run_id}-memory-{policy.replace(':', '_')}".lower()
 
     def clone_memories(self, policies: Sequence[str]) -> None:
-        """Clone the catalog's memory index once per learning policy (``_clone`` needs the
-        source write-blocked: blocked for the clones, unblocked in a ``finally``); each clone
-        gets the alias ``<index>-alias``. Without a source memory index the policies start
+        """Clone the catalog's memory index once per learning policy
+        (:func:`~orchestrator.simulation.releases.clone_index`: ``_clone`` under a write
+        block of the source, held with :meth:`clone_lock`); each clone gets the alias
+        ``<index>-alias``. Without a source memory index the policies start
         from empty ones (created by the updater)."""
         if not policies:
             return
@@ -430,20 +431,9 @@ class Simulation:
         if src is None:
             self.notes.append(f"no memory index behind {src_alias}: policies start empty")
             return
-        with self.clone_lock(src):
-            try:
-                self.es.indices.put_settings(index=src, settings={"index.blocks.write": True})
-                for name in policies:
-                    target = self.memory_index(name)
-                    self.es.indices.clone(
-                        index=src, target=target, settings={"index.number_of_replicas": 0},
-                        aliases={self.memory_clones[name]: {"is_write_index": True}},
-                        wait_for_active_shards="1")
-            finally:
-                self.es.indices.put_settings(index=src, settings={"index.blocks.write": None})
         for name in policies:
-            self.es.indices.put_settings(index=self.memory_index(name),
-                                         settings={"index.blocks.write": None})
+            clone_index(self.es, src, self.memory_index(name), alias=self.memory_clones[name],
+                        lock=self.clone_lock)
         self.es.indices.refresh(index=",".join(self.memory_index(n) for n in policies))
 
     def clone_lock(self, index: str) -> Any:
@@ -794,14 +784,10 @@ class Simulation:
         assert self.hold_out is not None
         self.clone_memories([*learners, STATIC_MEMORY])
         genres = set(self.config.genres) if self.config.genres else None
-        source = self.source_alias or self.settings.es.catalog_alias
-        physical = sorted(self.es.indices.get_alias(name=source)) if \
-            self.es.indices.exists_alias(name=source) else [source]
-        with self.clone_lock(physical[0]):
-            self.release = prepare_catalog(
-                self.es, self.settings, run_id=self.run_id, hold_out=self.hold_out,
-                source_alias=self.source_alias, memory_aliases=list(self.memory_clones.values()),
-                genres=genres, prebuild=self._release_docs is None)
+        self.release = prepare_catalog(
+            self.es, self.settings, run_id=self.run_id, hold_out=self.hold_out,
+            source_alias=self.source_alias, memory_aliases=list(self.memory_clones.values()),
+            genres=genres, prebuild=self._release_docs is None, lock=self.clone_lock)
         if self._release_docs is not None:
             self.release.docs = self._release_docs
         self.alias = self.release.catalog_alias
