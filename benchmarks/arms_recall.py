@@ -82,6 +82,29 @@ def playlist_queries(data_dir: Path) -> list[Query]:
     return [Query("playlist", name, frozenset(ids)) for name, ids in by_id.values()]
 
 
+def simulation_head_playlists(data_dir: Path, rounds_path: Path, *, top: int) -> list[Query]:
+    """The ``top`` playlist needs a simulation asked most (``ours``' stream rounds of its
+    ``rounds.jsonl.gz``), each with every track of the playlists of that exact title (the
+    simulator merges same-title playlists into one need): can any arm reach them at all?"""
+    import gzip
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    with gzip.open(rounds_path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            if r.get("policy") == "ours" and r.get("qtype") == "playlist" \
+                    and r.get("phase", "stream") == "stream" and r.get("need", "").startswith("playlist:"):
+                counts[r["need"][len("playlist:"):]] += 1
+    titles = [t for t, _n in counts.most_common(top)]
+    tracks: dict[str, set[str]] = defaultdict(set)
+    for q in playlist_queries(data_dir):
+        if q.text in titles:
+            tracks[q.text] |= q.relevant
+    return [Query("sim_head_playlist", t, frozenset(tracks[t]), meta={"asked": counts[t]})
+            for t in titles if tracks[t]]
+
+
 def _neighbour(c: str, rng: random.Random) -> str:
     for row in _KEYBOARD:
         i = row.find(c)
@@ -218,8 +241,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from orchestrator.understanding import QueryUnderstander  # type: ignore[attr-defined]
         understander = QueryUnderstander.from_settings(settings)  # pragma: no cover
 
-    queries = playlist_queries(settings.ingest.data_dir)
-    queries += known_item_queries(es, index, n=args.known_items,
+    if args.playlists_from:
+        queries = simulation_head_playlists(settings.ingest.data_dir, args.playlists_from,
+                                            top=args.top_needs)
+    else:
+        queries = playlist_queries(settings.ingest.data_dir)
+    if args.known_items > 0:
+        queries += known_item_queries(es, index, n=args.known_items,
                                   min_popularity=args.min_popularity, seed=args.seed)
     if args.limit:
         by_set: dict[str, list[Query]] = defaultdict(list)
@@ -237,6 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     union: dict[str, list[float]] = defaultdict(list)
     wall: dict[str, list[float]] = defaultdict(list)
     failures: dict[str, int] = defaultdict(int)
+    per_query: list[dict[str, Any]] = []
     started = time.perf_counter()
     for qi, (q, vec) in enumerate(zip(queries, vectors)):
         parsed = understander.parse(q.text) if understander else gaz.parse(q.text)
@@ -268,6 +297,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             took[q.set][arm].append(float(r.took_ms))
             ran[q.set][arm] += 1
         union[q.set].append(len(seen_union) / denom)
+        if "asked" in q.meta:  # simulation head needs: what each arm holds, query by query
+            per_query.append({"query": q.text, "asked": q.meta["asked"], "pool": len(q.relevant),
+                              "union_found": len(seen_union),
+                              "found": {a: len(q.relevant.intersection(h.id for h in by_arm[a].hits))
+                                        for a in arms if isinstance(by_arm.get(a), ArmResult)}})
         if args.progress and qi % 100 == 0:
             print(f"  {qi}/{len(queries)} queries", file=sys.stderr)
 
@@ -277,6 +311,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1), "failures": dict(failures),
         "sets": {},
     }
+    if per_query:
+        report["per_query"] = per_query
     for s in recall:
         n = len(union[s])
         report["sets"][s] = {
@@ -314,6 +350,10 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{'':>8}{'':>8}{data['msearch_wall_ms_p50']:>8.0f}"
                      f"{data['msearch_wall_ms_p95']:>8.0f}   <- union; _msearch wall time")
         lines.append("")
+    for pq in report.get("per_query", []):
+        lines.append(f"{pq['query'][:40]:<42}asked {pq['asked']:>4}  pool {pq['pool']:>4}  "
+                     f"union {pq['union_found']:>3}  "
+                     + " ".join(f"{a.split('.')[0]}={n}" for a, n in pq["found"].items() if n))
     return "\n".join(lines)
 
 
@@ -331,6 +371,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--qu", choices=["gazetteer", "spacy"], default="gazetteer")
     p.add_argument("--out", type=Path, default=None,
                    help="default benchmarks/results/arms_recall.json (--smoke: a temp dir)")
+    p.add_argument("--playlists-from", type=Path, default=None,
+                   help="a simulation's rounds.jsonl.gz: the playlist set becomes its "
+                        "--top-needs most asked playlist needs (pair with --known-items 0)")
+    p.add_argument("--top-needs", type=int, default=12)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--smoke", action="store_true",
                    help="test-ltrr-catalog, 40 known items, 8 queries per set, k=20, JSON to a "

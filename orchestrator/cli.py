@@ -622,7 +622,13 @@ def simulate(
     from .simulation.runner import SimConfig, Simulation
 
     if report_only:
-        report = rebuild(Path(out))
+        from .simulation.report import read_rounds
+        from .simulation.runner import regenerate_bounds
+
+        old = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))
+        bounds = regenerate_bounds(old["config"], _settings().ingest.data_dir,
+                                   read_rounds(Path(out) / "rounds.jsonl.gz"))
+        report = rebuild(Path(out), bounds=bounds)
         typer.echo(table(report))
         typer.echo(f"rebuilt {', '.join(report['files'])} in {out}")
         return

@@ -73,6 +73,7 @@ from ..pipeline import Orchestrator
 from ..rescoring import FeatureExtractor, LinearRescorer
 from ..selection import FixedPlanSelector, UniformRandomSelector
 from ..templates import TemplateRegistry
+from .bounds import stream_bounds
 from .metrics import candidate_hit, candidate_recall, ndcg_at_k, reciprocal_rank, success_at_k
 from .ope import independent_subset_propensity
 from .policies import (
@@ -222,6 +223,8 @@ class SimResult:
     notes: list[str] = field(default_factory=list)
     #: The new-item release (hold-out sizes, what was removed, what was released), if any.
     new_items: dict[str, Any] | None = None
+    #: What one fixed list per query key could reach on the last third (:mod:`.bounds`).
+    bounds: dict[str, Any] | None = None
 
 
 #: Per-arm Elasticsearch time-out in simulations (serving default: 500ms).
@@ -311,6 +314,50 @@ def seeded_request_ids(seed: Sequence[int]) -> Callable[[], str]:
     return make
 
 
+def make_stream(config: SimConfig, data_dir: Path, sources: QuerySources
+                ) -> tuple[QueryStream, HoldOut | None, list[dict[str, Any]] | None]:
+    """The run's query stream from its config (the same config gives the same stream: the
+    report rebuild regenerates it for the bounds), with the new-item hold-out when
+    ``new_items_fraction > 0`` and, for a genre slice, the release documents of its genres."""
+    extra: dict[str, Any] = {"zipf": config.zipf, "n_users": config.n_users}
+    hold_out: HoldOut | None = None
+    release_docs: list[dict[str, Any]] | None = None
+    genres = set(config.genres) if config.genres else None
+    if config.new_items_fraction > 0:
+        hold_out = hold_out_newest(data_dir, config.new_items_fraction)
+        new_ids = hold_out.track_ids
+        if genres:  # a slice: only the releases of its genres are released (and asked for)
+            release_docs = list(CatalogBuilder(data_dir, only=hold_out.ids, genres=genres).build())
+            new_ids = new_ids & {f"{d['entity_type']}:{d['entity_id']}" for d in release_docs}
+        extra.update(held_out=hold_out.ids,
+                     release_at=int(config.release_at_fraction * config.rounds),
+                     new_items=load_new_items(data_dir, new_ids))
+    stream = QueryStream(sources, mix=config.mix, drift_to=config.drift_to, seed=config.seed,
+                         p_typo=config.p_typo, p_partial=config.p_partial,
+                         **_supported(QueryStream, extra))
+    return stream, hold_out, release_docs
+
+
+def regenerate_bounds(config: Mapping[str, Any], data_dir: Path,
+                      rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The bounds of a finished run, from its recorded config: the stream is regenerated
+    and checked against the round log (every logged stream round's key and user must be the
+    regenerated query's), else :class:`OrchestratorError` (a changed generator or data)."""
+    known = set(SimConfig.__dataclass_fields__)
+    cfg = SimConfig(**{k: v for k, v in config.items() if k in known})
+    genres = set(cfg.genres) if cfg.genres else None
+    sources = QuerySources.load(data_dir, genres=genres)
+    stream, _hold_out, _docs = make_stream(cfg, data_dir, sources)
+    queries = stream.generate(cfg.rounds)
+    bad = [r["t"] for r in rows if r.get("phase", "stream") == "stream" and r.get("key")
+           and (r["t"] >= len(queries) or queries[r["t"]].key != r["key"]
+                or queries[r["t"]].user != r.get("user", queries[r["t"]].user))]
+    if bad:
+        raise OrchestratorError(f"the regenerated stream differs from the round log at {len(bad)} "
+                                f"rounds (first: t={bad[0]}); bounds not recomputed")
+    return stream_bounds(queries, rounds=cfg.rounds, display=cfg.display)
+
+
 def _contexts(n: int, seed: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng([seed, 104729])
     return [{"hour": int(rng.integers(24)), "weekday": int(rng.integers(7)),
@@ -365,21 +412,10 @@ class Simulation:
         self.release_at: int | None = None
         self.release: Release | None = None
         self._release_docs: list[dict[str, Any]] | None = None
-        stream_extra: dict[str, Any] = {"zipf": config.zipf, "n_users": config.n_users}
-        if config.new_items_fraction > 0:
-            self.hold_out = hold_out_newest(settings.ingest.data_dir, config.new_items_fraction)
+        self.stream, self.hold_out, self._release_docs = make_stream(
+            config, settings.ingest.data_dir, self.sources)
+        if self.hold_out is not None:
             self.release_at = int(config.release_at_fraction * config.rounds)
-            new_ids = self.hold_out.track_ids
-            if genres:  # a slice: only the releases of its genres are released (and asked for)
-                self._release_docs = list(CatalogBuilder(
-                    settings.ingest.data_dir, only=self.hold_out.ids, genres=genres).build())
-                new_ids = new_ids & {f"{d['entity_type']}:{d['entity_id']}"
-                                     for d in self._release_docs}
-            stream_extra.update(held_out=self.hold_out.ids, release_at=self.release_at,
-                                new_items=load_new_items(settings.ingest.data_dir, new_ids))
-        self.stream = QueryStream(self.sources, mix=config.mix, drift_to=config.drift_to,
-                                  seed=config.seed, p_typo=config.p_typo, p_partial=config.p_partial,
-                                  **_supported(QueryStream, stream_extra))
         self._understander = understander
 
         def _factory() -> Any:
@@ -773,6 +809,7 @@ class Simulation:
                       "n_relevant": len(q.relevant)} for t, q in enumerate(queries)],
             retrains=retrains, learning=learning, notes=list(self.notes),
             new_items=self.release.as_dict() if self.release is not None else None,
+            bounds=stream_bounds(queries, rounds=c.rounds, display=c.display),
         )
 
     # -- new items -----------------------------------------------------------------------

@@ -79,3 +79,35 @@ def test_smoke(name, faults_run, untouched_results, catalog_slice):
 def test_smoke_faults(faults_run, untouched_results):
     out, err = faults_run.communicate(timeout=600)
     _check("faults", faults_run.returncode, out, err)
+
+
+def test_arms_recall_on_a_simulations_head_playlists(untouched_results, catalog_slice, tmp_path):
+    """``--playlists-from``: the playlist set is a simulation's most asked playlist needs
+    (ours' stream rounds), each with the tracks of every playlist of that exact title."""
+    import gzip
+    import json
+
+    log = tmp_path / "rounds.jsonl.gz"
+    rows = ([{"policy": "ours", "qtype": "playlist", "phase": "stream", "need": "playlist:Gospel"}] * 3
+            + [{"policy": "ours", "qtype": "playlist", "phase": "stream",
+                "need": "playlist:Classic Rock"}] * 2
+            + [{"policy": "random", "qtype": "playlist", "phase": "stream",
+                "need": "playlist:Neo Soul"}] * 9  # another policy's rounds do not count
+            + [{"policy": "ours", "qtype": "playlist", "phase": "unseen",
+                "need": "playlist:Neo Soul"}] * 9)  # nor the final unseen pass
+    with gzip.open(log, "wt", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    out_json = tmp_path / "head.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "arms_recall.py"), "--smoke", "--known-items", "0",
+                           "--playlists-from", str(log), "--top-needs", "5", "--k", "50",
+                           "--out", str(out_json)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    assert set(report["sets"]) == {"sim_head_playlist"}
+    per = {q["query"]: q for q in report["per_query"]}
+    assert set(per) == {"Gospel", "Classic Rock"}
+    assert per["Gospel"]["asked"] == 3 and per["Classic Rock"]["asked"] == 2
+    assert per["Gospel"]["pool"] >= 25  # every "Gospel" playlist's tracks
+    assert all(0 <= q["union_found"] <= q["pool"] for q in per.values())
+    assert "asked    3" in proc.stdout

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.simulation.report import write_all
-from orchestrator.simulation.runner import SimConfig, Simulation
+from orchestrator.errors import OrchestratorError
+from orchestrator.simulation.report import read_rounds, write_all
+from orchestrator.simulation.runner import SimConfig, Simulation, regenerate_bounds
 
 pytestmark = [pytest.mark.elasticsearch, pytest.mark.redis]
 
@@ -88,6 +89,16 @@ def test_small_simulation_report_files_and_reproducibility(es, redis_client, red
         assert (tmp_path / f).stat().st_size > 0, f
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["config"]["seed"] == 3 and saved["config"]["rounds"] == 45
+    # -- bounds: one list per key on the last third; the report rebuild regenerates the
+    #    stream from the recorded config, checks it against the round log, and agrees
+    b = saved["bounds"]
+    assert b["score_from"] == 30 and b["overall"]["n"] == 15
+    assert 0.0 <= b["overall"]["learned"]["success"] <= b["overall"]["hindsight"]["success"] <= 1.0
+    logged = read_rounds(tmp_path / "rounds.jsonl.gz")
+    assert regenerate_bounds(saved["config"], settings.ingest.data_dir, logged) == b
+    tampered = [dict(r, key="not the key") if r["t"] == 7 else r for r in logged]
+    with pytest.raises(OrchestratorError, match="differs from the round log"):
+        regenerate_bounds(saved["config"], settings.ingest.data_dir, tampered)
 
     # -- state: one prefix per policy while running, nothing left afterwards
     assert seen_keys and seen_keys[0] > 0
