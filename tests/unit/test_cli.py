@@ -45,19 +45,30 @@ def test_retrain_without_now_does_nothing():
 
 
 def test_serve_with_workers_binds_a_tcp_socket(monkeypatch):
-    """uvicorn --workers N binds with protocol 0, so asyncio skips TCP_NODELAY on accepted
-    connections (+40 ms per keep-alive response); `ltrr serve` re-creates it as IPPROTO_TCP."""
+    """uvicorn < 0.55 binds --workers N sockets with protocol 0, so asyncio skips TCP_NODELAY
+    on accepted connections (+40 ms per keep-alive response); `ltrr serve` re-creates such a
+    socket as IPPROTO_TCP. uvicorn 0.55 binds IPPROTO_TCP itself (checked below), so the old
+    behaviour is reproduced with a bind that returns a protocol-0 socket."""
     import socket
 
     from uvicorn.config import Config
 
     from orchestrator.cli import _tcp_nodelay_for_worker_sockets
 
-    monkeypatch.setattr(Config, "bind_socket", Config.bind_socket)  # restored after the test
     config = Config(app="orchestrator.api:create_app", host="127.0.0.1", port=0, workers=2)
     plain = config.bind_socket()
-    assert plain.proto == 0  # the uvicorn behaviour being worked around
+    assert plain.proto in (0, socket.IPPROTO_TCP)  # 0 before uvicorn 0.55
     plain.close()
+
+    def bind_proto0(self: Config) -> socket.socket:  # what uvicorn < 0.55 returned
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+        sock.bind((self.host, self.port))
+        return sock
+
+    monkeypatch.setattr(Config, "bind_socket", bind_proto0)  # restored after the test
+    old = config.bind_socket()
+    assert old.proto == 0
+    old.close()
     _tcp_nodelay_for_worker_sockets()
     _tcp_nodelay_for_worker_sockets()  # idempotent
     sock = config.bind_socket()
