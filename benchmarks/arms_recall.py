@@ -84,10 +84,13 @@ def playlist_queries(data_dir: Path) -> list[Query]:
 
 def simulation_head_playlists(data_dir: Path, rounds_path: Path, *, top: int) -> list[Query]:
     """The ``top`` playlist needs a simulation asked most (``ours``' stream rounds of its
-    ``rounds.jsonl.gz``), each with every track of the playlists of that exact title (the
-    simulator merges same-title playlists into one need): can any arm reach them at all?"""
+    ``rounds.jsonl.gz``), each with the simulator's own relevant pool for that need
+    (:func:`~orchestrator.simulation.queries.load_playlist_queries`: every playlist of that
+    exact title): can any arm reach them at all?"""
     import gzip
     from collections import Counter
+
+    from orchestrator.simulation.queries import load_playlist_queries
 
     counts: Counter[str] = Counter()
     with gzip.open(rounds_path, "rt", encoding="utf-8") as fh:
@@ -96,13 +99,9 @@ def simulation_head_playlists(data_dir: Path, rounds_path: Path, *, top: int) ->
             if r.get("policy") == "ours" and r.get("qtype") == "playlist" \
                     and r.get("phase", "stream") == "stream" and r.get("need", "").startswith("playlist:"):
                 counts[r["need"][len("playlist:"):]] += 1
-    titles = [t for t, _n in counts.most_common(top)]
-    tracks: dict[str, set[str]] = defaultdict(set)
-    for q in playlist_queries(data_dir):
-        if q.text in titles:
-            tracks[q.text] |= q.relevant
-    return [Query("sim_head_playlist", t, frozenset(tracks[t]), meta={"asked": counts[t]})
-            for t in titles if tracks[t]]
+    pools = {q.text: frozenset(q.relevant) for q in load_playlist_queries(data_dir)}
+    return [Query("sim_head_playlist", t, pools[t], meta={"asked": n})
+            for t, n in counts.most_common(top) if pools.get(t)]
 
 
 def _neighbour(c: str, rng: random.Random) -> str:

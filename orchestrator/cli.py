@@ -622,13 +622,11 @@ def simulate(
     from .simulation.runner import SimConfig, Simulation
 
     if report_only:
-        from .simulation.report import read_rounds
         from .simulation.runner import regenerate_bounds
 
-        old = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))
-        bounds = regenerate_bounds(old["config"], _settings().ingest.data_dir,
-                                   read_rounds(Path(out) / "rounds.jsonl.gz"))
-        report = rebuild(Path(out), bounds=bounds)
+        data_dir = _settings().ingest.data_dir
+        report = rebuild(Path(out), bounds_from=lambda config, rows: regenerate_bounds(
+            config, data_dir, rows))
         typer.echo(table(report))
         typer.echo(f"rebuilt {', '.join(report['files'])} in {out}")
         return

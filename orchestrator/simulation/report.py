@@ -14,7 +14,7 @@ import gzip
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -718,10 +718,12 @@ def write_all(result: Any, out_dir: Path, *, plots: bool = True) -> dict[str, An
 
 
 def rebuild(out_dir: Path, *, plots: bool = True,
-            bounds: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            bounds_from: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], Mapping[str, Any]]
+            | None = None) -> dict[str, Any]:
     """Recompute ``report.json``, ``table.md`` and the PNGs of ``out_dir`` from its round log
-    (``rounds.jsonl.gz``) and the run facts of its ``report.json`` (no searches); ``bounds``
-    replaces the report's (recomputed from the regenerated stream by the caller)."""
+    (``rounds.jsonl.gz``) and the run facts of its ``report.json`` (no searches);
+    ``bounds_from(config, rows)`` recomputes the bounds (from the regenerated stream, see
+    ``runner.regenerate_bounds``), else the report's are kept."""
     out_dir = Path(out_dir)
     rows = read_rounds(out_dir / "rounds.jsonl.gz")
     old = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
@@ -731,7 +733,7 @@ def rebuild(out_dir: Path, *, plots: bool = True,
         query_counts=old["query_counts"], source_sizes=old["source_sizes"], seconds=old["seconds"],
         retrains=old.get("retraining", {}).get("runs", []), learning=old.get("learning"),
         notes=old.get("notes"), release=old.get("new_items_release"),
-        bounds=bounds if bounds is not None else old.get("bounds"))
+        bounds=bounds_from(old["config"], rows) if bounds_from else old.get("bounds"))
     return _write(report, rows, out_dir, plots=plots)
 
 

@@ -408,14 +408,10 @@ class Simulation:
         self.click_model: ClickModel = make_click_model(config.click_model, **config.click_params)
         #: New items: the newest releases, held out of the run's catalog clone and ingested
         #: through the product's incremental path at round ``release_at``.
-        self.hold_out: HoldOut | None = None
-        self.release_at: int | None = None
         self.release: Release | None = None
-        self._release_docs: list[dict[str, Any]] | None = None
         self.stream, self.hold_out, self._release_docs = make_stream(
             config, settings.ingest.data_dir, self.sources)
-        if self.hold_out is not None:
-            self.release_at = int(config.release_at_fraction * config.rounds)
+        self.release_at: int | None = self.stream.release_at
         self._understander = understander
 
         def _factory() -> Any:
