@@ -35,6 +35,14 @@ the first click creates the document with those examinations and deletes them fr
 Skips of a pair not in the index only count as examinations there: a negative-only pair is
 never written.
 
+Neighbour pairs (``neighbours_per_click > 0``; :mod:`orchestrator.neighbours`): at a pair's
+first click the batch also proposes the clicked item's neighbours (its artist's other
+entities, or genre neighbours) for the same query key, created only where no document
+exists (``source: "neighbour"``, no clicks, a decreasing prior below any clicked pair) with
+the exposures waiting for them in the pending hash and in the batch, so the memory arm can
+show what no static arm retrieves for that query and the users' skips or silence switch
+wrong guesses off. They never count in ``memory:keys`` (no positive evidence).
+
 Exactly once in effect: a batch's Redis side (pending exposures, ``memory:keys``, XACK) is one
 Lua script, run after the Elasticsearch writes; each pair document records the newest stream
 id applied to it (``last_event``), so a batch replayed after a crash between the two skips
@@ -419,6 +427,7 @@ class UpdateResult:
     replayed: int = 0
     missing_items: int = 0
     conflicts: int = 0
+    neighbours: int = 0
     seconds: float = 0.0
     skipped: str | None = None
 
@@ -453,6 +462,11 @@ class MemoryUpdater:
         threshold below which a pair does not match, a skip's examination weight.
     exposure_ttl_s, max_pending_items:
         Bounds of the pending exposures of pairs not in the index (per query key).
+    neighbours_per_click, neighbours_by, neighbour_prior, neighbour_decay, neighbours_min_pairs:
+        At a pair's first click, up to ``neighbours_per_click`` neighbours of the item
+        (:mod:`orchestrator.neighbours`, mode ``neighbours_by``) become pairs of the same query
+        key with prior ``neighbour_prior * neighbour_decay ** rank`` (0: none), once the key
+        has ``neighbours_min_pairs`` learned pairs.
     """
 
     def __init__(self, redis_client: redis_lib.Redis, es: Elasticsearch, *, prefix: str,
@@ -461,6 +475,9 @@ class MemoryUpdater:
                  default_prior: float = 0.0, min_score: float = 0.05, skip_weight: float = 1.0,
                  action_weights: Mapping[str, float] = ACTION_WEIGHTS,
                  exposure_ttl_s: int = 7 * 24 * 3600, max_pending_items: int = 500,
+                 neighbours_per_click: int = 0, neighbours_by: str = "artist",
+                 neighbour_prior: float = 0.2, neighbour_decay: float = 0.85,
+                 neighbours_min_pairs: int = 1,
                  mappings_dir: Path = _DEFAULT_MAPPINGS, lock_ttl_s: int = 60) -> None:
         self.redis = redis_client
         self.es = es
@@ -476,6 +493,11 @@ class MemoryUpdater:
         self.action_weights = action_weights
         self.exposure_ttl_s = exposure_ttl_s
         self.max_pending_items = max_pending_items
+        self.neighbours_per_click = neighbours_per_click
+        self.neighbours_by = neighbours_by
+        self.neighbour_prior = neighbour_prior
+        self.neighbour_decay = neighbour_decay
+        self.neighbours_min_pairs = neighbours_min_pairs
         self.mappings_dir = mappings_dir
         self.lock_ttl_s = lock_ttl_s
         self.keys_key = f"{prefix}memory:keys"
@@ -569,6 +591,7 @@ class MemoryUpdater:
         known: dict[str, int] = defaultdict(int)
         waiting: dict[str, float] = {}
         todo = list(by_id)
+        first_clicks: list[tuple[str, str, Mapping[str, Any] | None]] = []
         for attempt in range(5):
             if not todo:
                 break
@@ -576,6 +599,7 @@ class MemoryUpdater:
                           source=["prior", "clicks", "examinations", "source", "last_event", "item"])
             actions: list[dict[str, Any]] = []
             first_click: dict[str, str] = {}  # pid -> query key whose known-pair count grows
+            clicked_items: dict[str, Mapping[str, Any]] = {}  # item id -> its item copy
             new_clicked: list[str] = []
             for pid in todo:
                 qk, item_id = by_id[pid]
@@ -604,26 +628,104 @@ class MemoryUpdater:
                     min_score=self.min_score, last_event=d.last_event)
                 if old_clicks <= 0 < doc["clicks"]:
                     first_click[pid] = qk
+                    clicked_items[item_id] = doc["item"]
                 actions.append({"_op_type": "index", "_index": hit["_index"], "_id": pid,
                                 "if_seq_no": hit["_seq_no"], "if_primary_term": hit["_primary_term"],
                                 "_source": doc})
             if new_clicked:
-                actions += self._create_actions(new_clicked, by_id, agg, res, waiting, first_click)
+                actions += self._create_actions(new_clicked, by_id, agg, res, waiting, first_click,
+                                                clicked_items)
             todo = self._write(actions, res)
             res.conflicts += len(todo)
             for pid, qk in first_click.items():
                 if pid not in todo:
                     known[qk] += 1
+                    first_clicks.append((qk, by_id[pid][1], clicked_items.get(by_id[pid][1])))
                     if pid in waiting:  # created: its pending exposures are in the document
                         deletions.append(by_id[pid])
                         waiting.pop(pid)
         if todo:
             raise RuntimeError(f"memory: {len(todo)} pair documents kept conflicting")
+        if first_clicks and self.neighbours_per_click > 0:
+            increments = self._add_neighbours(first_clicks, agg, increments, deletions, known, res)
         self._finalise_batch(ids, increments, deletions, known, res)
+
+    def _add_neighbours(self, first_clicks: Sequence[tuple[str, str, Mapping[str, Any] | None]],
+                        agg: Mapping[tuple[str, str], PairDelta],
+                        increments: list[tuple[str, str, float]],
+                        deletions: list[tuple[str, str]], known: Mapping[str, int],
+                        res: UpdateResult) -> list[tuple[str, str, float]]:
+        """Create the neighbour pairs of the batch's first clicks (create only: a pair that
+        exists keeps its evidence). A new pair takes the exposures waiting for it (the pending
+        hash and this batch's), so its score is as honest as a clicked pair's. Only query
+        keys with at least ``neighbours_min_pairs`` learned pairs (this batch's included)
+        get neighbours: a key whose users click different items has several right answers;
+        a known-item lookup, where everyone clicks the same one, gets none. Returns the
+        increments still to add to the pending hashes."""
+        from .neighbours import find_neighbours, neighbour_priors
+
+        if self.neighbours_min_pairs > 1:
+            keys = sorted({qk for qk, _it, _src in first_clicks})
+            pipe = self.redis.pipeline(transaction=False)
+            for qk in keys:
+                pipe.hget(self.keys_key, qk)
+            have = {qk: int(float(v or 0)) + known.get(qk, 0)
+                    for qk, v in zip(keys, pipe.execute())}
+            first_clicks = [fc for fc in first_clicks
+                            if have[fc[0]] >= self.neighbours_min_pairs]
+            if not first_clicks:
+                return increments
+        items = {it: src for _qk, it, src in first_clicks if src}
+        try:
+            found = find_neighbours(self.es, self.catalog_alias, items,
+                                    size=self.neighbours_per_click, mode=self.neighbours_by)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - a proposal: never fail the batch for it
+            logger.warning("memory neighbours skipped: %s", exc)
+            return increments
+        this_batch = {(qk, it): v for qk, it, v in increments}
+        pairs: dict[str, tuple[str, str, float, dict[str, Any]]] = {}
+        for qk, it, _src in first_clicks:
+            nbs = found.get(it) or []
+            for nb, prior in zip(nbs, neighbour_priors(len(nbs), prior=self.neighbour_prior,
+                                                      decay=self.neighbour_decay)):
+                pid = pair_id(qk, nb.item_id)
+                if (qk, nb.item_id) in agg and agg[(qk, nb.item_id)].clicks > 0:
+                    continue  # clicked in this batch: a learned pair already
+                if pid not in pairs or pairs[pid][2] < prior:
+                    pairs[pid] = (qk, nb.item_id, prior, item_copy(nb.source))
+        if not pairs:
+            return increments
+        pipe = self.redis.pipeline(transaction=False)
+        for qk, it, _p, _i in pairs.values():
+            pipe.hget(self.exposure_key(qk), it)
+        waiting = pipe.execute()
+        actions = []
+        for (pid, (qk, it, prior, item)), w in zip(pairs.items(), waiting):
+            d = agg.get((qk, it))
+            doc = pair_document(qk, it, item=item, prior=prior, clicks=0.0,
+                                examinations=float(w or 0.0) + this_batch.get((qk, it), 0.0),
+                                source="neighbour", prior_strength=self.prior_strength,
+                                min_score=self.min_score, last_event=d.last_event if d else None)
+            actions.append({"_op_type": "create", "_index": self.memory_alias, "_id": pid,
+                            "_source": doc})
+        created: set[tuple[str, str]] = set()
+        for ok, info in helpers.streaming_bulk(self.es, actions, raise_on_error=False,
+                                               max_retries=3, retry_on_status=(429,),
+                                               chunk_size=1000):
+            item = next(iter(info.values()))
+            if ok:
+                qk, it, _p, _i = pairs[item["_id"]]
+                created.add((qk, it))
+            elif item.get("status") != 409:  # 409: the pair exists and keeps its evidence
+                logger.warning("memory neighbour pair not written: %s", item.get("error"))
+        res.neighbours += len(created)
+        deletions.extend(sorted(created))  # their pending exposures now live in the document
+        return [(qk, it, v) for qk, it, v in increments if (qk, it) not in created]
 
     def _create_actions(self, pids: list[str], by_id: Mapping[str, tuple[str, str]],
                         agg: Mapping[tuple[str, str], PairDelta], res: UpdateResult,
                         waiting: dict[str, float], first_click: dict[str, str],
+                        clicked_items: dict[str, Mapping[str, Any]],
                         ) -> list[dict[str, Any]]:
         """Create the documents of pairs clicked for the first time, with the examinations
         waiting for them in the pending hash and the item copied from the catalog."""
@@ -649,6 +751,7 @@ class MemoryUpdater:
                                 source="learned", prior_strength=self.prior_strength,
                                 min_score=self.min_score, last_event=d.last_event)
             first_click[pid] = qk
+            clicked_items[item_id] = doc["item"]
             res.created += 1
             actions.append({"_op_type": "create", "_index": self.memory_alias, "_id": pid,
                             "_source": doc})
@@ -829,11 +932,14 @@ _LEARNED_STATE = {"bool": {"should": [{"range": {"clicks": {"gt": 0}}},
 
 def _carry_over(es: Elasticsearch, alias: str, index: str, *, prior_strength: float,
                 min_score: float) -> int:
-    """Copy the counts of the pairs with evidence from the current alias into ``index``."""
+    """Copy the counts of the pairs with evidence, and the neighbour pairs (proposals of
+    earlier clicks, evidence or not), from the current alias into ``index``."""
     if not es.indices.exists_alias(name=alias):
         return 0
+    carried = {"bool": {"should": [_LEARNED_STATE, {"term": {"source": "neighbour"}}],
+                        "minimum_should_match": 1}}
     olds = [(h["_id"], h["_source"]) for h in helpers.scan(
-        es, index=alias, size=1000, query={"query": _LEARNED_STATE})]
+        es, index=alias, size=1000, query={"query": carried})]
     if not olds:
         return 0
     fresh = _mget(es, index, [i for i, _ in olds], source=["prior", "item", "source"])
@@ -1001,7 +1107,11 @@ def memory_settings_kwargs(memory: Any) -> dict[str, Any]:
     return {"prior_strength": memory.prior_strength, "default_prior": memory.default_prior,
             "min_score": memory.min_score, "skip_weight": memory.skip_weight,
             "exposure_ttl_s": memory.exposure_ttl_s,
-            "max_pending_items": memory.max_pending_items}
+            "max_pending_items": memory.max_pending_items,
+            "neighbours_per_click": memory.neighbours_per_click,
+            "neighbours_by": memory.neighbours_by, "neighbour_prior": memory.neighbour_prior,
+            "neighbour_decay": memory.neighbour_decay,
+            "neighbours_min_pairs": memory.neighbours_min_pairs}
 
 
 def updater_from_settings(s: Any, es: Elasticsearch, r: redis_lib.Redis, *,

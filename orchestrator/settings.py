@@ -194,6 +194,20 @@ class MemorySettings(BaseModel):
     #: (refreshed on write) and at most this many items per key, for the pair's first click.
     exposure_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     max_pending_items: int = Field(500, ge=1)
+    #: At a pair's first click, this many neighbours of the clicked item (its artist's other
+    #: entities, or genre neighbours: :mod:`orchestrator.neighbours`) become pairs of the same
+    #: query key (``source: neighbour``), so the memory can propose what no static arm finds;
+    #: 0: none.
+    neighbours_per_click: int = Field(5, ge=0, le=100)
+    neighbours_by: Literal["artist", "genre", "both"] = "artist"
+    #: Prior of the best neighbour; the n-th gets ``neighbour_prior * neighbour_decay ** n``.
+    #: Keep it under what one click gives a pair, so neighbours never outrank clicked items.
+    neighbour_prior: float = Field(0.2, ge=0, le=1)
+    neighbour_decay: float = Field(0.85, gt=0, le=1)
+    #: Only query keys with at least this many learned pairs get neighbours (users clicked
+    #: different items: a broad query); a known-item lookup, where everyone clicks the same
+    #: item, gets none.
+    neighbours_min_pairs: int = Field(2, ge=1)
 
 
 class SecuritySettings(BaseModel):
