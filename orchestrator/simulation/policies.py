@@ -166,6 +166,7 @@ class PolicySpec:
     rescorer: str = "default"
     #: Learning parts of an ``ours`` policy (ablations switch one off).
     memory: bool = True
+    neighbours: bool = True
     retrain: bool = True
     ranker: bool = True
     budget_mode: str | None = None
@@ -193,10 +194,11 @@ ABLATIONS: tuple[PolicySpec, ...] = (
     PolicySpec("ours_equal_budgets", "ours", budget_mode="equal", seed_as="ours"),
     PolicySpec("ours_no_rescorer", "ours", ranker=False, seed_as="ours"),
     PolicySpec("ours_no_retrain", "ours", retrain=False, seed_as="ours"),
+    PolicySpec("ours_no_neighbours", "ours", neighbours=False, seed_as="ours"),
 )
 
 #: Available by name, not in the default set.
-NOT_DEFAULT = frozenset({"all_arms", "ours_no_retrain"})
+NOT_DEFAULT = frozenset({"all_arms", "ours_no_retrain", "ours_no_neighbours"})
 
 
 def is_static(spec: PolicySpec) -> bool:

@@ -32,7 +32,8 @@ rounds and the chain (move_events, estimate_examination, rebuild_posteriors, tra
 train_qu only with ``train_qu``, on a per-policy copy of the QU folder, never served: the
 understander is shared) every ``retrain_every`` rounds. Ablations share ``ours``'s seeds:
 ``ours_no_memory`` (no memory updates; its clone still serves the seeded pairs),
-``ours_equal_budgets`` (bandit ``budget_mode="equal"``), ``ours_no_rescorer`` (no
+``ours_equal_budgets`` (bandit ``budget_mode="equal"``), ``ours_no_neighbours`` (the memory
+proposes no neighbours of clicked items), ``ours_no_rescorer`` (no
 train_ranker, default rescorer) and, by name only, ``ours_no_retrain``.
 
 Cost: the policies of a round run concurrently (``workers`` threads; each orchestrator is
@@ -240,11 +241,13 @@ def newest_arms_registry(folder: Path) -> TemplateRegistry:
 
 def sim_settings(settings: Any, *, prefix: str, alias: str | None, max_results: int,
                  events_alias: str | None = None, model_dir: Path | None = None,
-                 display: int | None = None, memory_alias: str | None = None) -> Any:
+                 display: int | None = None, memory_alias: str | None = None,
+                 neighbours: bool = True) -> Any:
     """``settings`` for one policy: its Redis prefix, the catalog alias, and for a retrained
     policy its own events alias, rescorer folder and no time decay of the posteriors (the
     simulation has no calendar time: a run lasts minutes, so wall-clock decay would only
-    make the rebuild depend on timing)."""
+    make the rebuild depend on timing). ``neighbours=False`` switches the memory's
+    neighbour pairs off (``memory.neighbours_per_click = 0``)."""
     update: dict[str, Any] = {
         "redis": settings.redis.model_copy(update={"key_prefix": prefix}),
         "limits": settings.limits.model_copy(update={"max_results": max(max_results, settings.limits.max_results)}),
@@ -261,6 +264,9 @@ def sim_settings(settings: Any, *, prefix: str, alias: str | None, max_results: 
         update["bandit"] = settings.bandit.model_copy(update={"rebuild_half_life_days": None})
     if memory_alias is not None and getattr(settings, "memory", None) is not None:
         update["memory"] = settings.memory.model_copy(update={"alias": memory_alias})
+    if not neighbours and getattr(settings, "memory", None) is not None:
+        update["memory"] = update.get("memory", settings.memory).model_copy(
+            update={"neighbours_per_click": 0})
     if display is not None and getattr(settings, "examination", None) is not None:
         # Swap interventions only within what simulated users are shown.
         update["examination"] = settings.examination.model_copy(update={"max_position": display})
@@ -496,7 +502,8 @@ class Simulation:
                          max_results=max(spec.max_candidates(c.total_budget), c.total_budget),
                          events_alias=self.events_alias(spec.name) if learns else None,
                          model_dir=model_dir, display=c.display,
-                         memory_alias=self.memory_clones.get(spec.name if learns else STATIC_MEMORY))
+                         memory_alias=self.memory_clones.get(spec.name if learns else STATIC_MEMORY),
+                         neighbours=spec.neighbours)
         rescorer: LinearRescorer | None = (
             rrf_rescorer() if spec.rescorer == "rrf" else LinearRescorer.default())
         rescoring: dict[str, Any] | None = None
