@@ -20,9 +20,14 @@ offline by truncating each arm's list to its equal share, merging and rescoring 
 the pipeline does (the kNN arm's truncated list approximates a smaller ``k``).
 
 Reproducibility: every policy's orchestrator gets a seeded request-id factory (the id seeds
-the explore arm) and a seeded selector, posteriors are reloaded synchronously
-(``refresh_interval_s=0``) and the rescorer is only reloaded right after a retraining, so
-the same ``seed`` gives the same per-round results (up to Elasticsearch time-outs).
+the explore arm) and a seeded selector, posteriors and the examination model are re-read
+synchronously (``refresh_interval_s=0``), the rescorer is only reloaded right after a
+retraining and the memory index is refreshed right after each memory update, so with
+``reward.latency_cost_per_ms = 0`` the same ``seed`` gives the same per-round results (up
+to Elasticsearch time-outs). The latency cost is part of the production objective and is
+on by default: it charges each arm its measured ``took``, which differs from run to run,
+so two runs then agree in distribution, not round by round (the posteriors differ from the
+first feedback on).
 
 Learning (every ``ours*`` policy, each with its own state: Redis prefix, events alias,
 rescorer folder and a clone of the catalog's memory index ``ltrr-sim-<run>-memory-<policy>``
@@ -267,9 +272,14 @@ def sim_settings(settings: Any, *, prefix: str, alias: str | None, max_results: 
     if not neighbours and getattr(settings, "memory", None) is not None:
         update["memory"] = update.get("memory", settings.memory).model_copy(
             update={"neighbours_per_click": 0})
-    if display is not None and getattr(settings, "examination", None) is not None:
-        # Swap interventions only within what simulated users are shown.
-        update["examination"] = settings.examination.model_copy(update={"max_position": display})
+    if getattr(settings, "examination", None) is not None:
+        # The model a retraining estimates is read at the next feedback (refresh 0), not up
+        # to a minute of wall clock later; swap interventions only within what simulated
+        # users are shown.
+        ex: dict[str, Any] = {"refresh_interval_s": 0.0}
+        if display is not None:
+            ex["max_position"] = display
+        update["examination"] = settings.examination.model_copy(update=ex)
     return settings.model_copy(update=update)
 
 
@@ -648,6 +658,10 @@ class Simulation:
 
         if spec.memory and c.memory_every > 0 and n % c.memory_every == 0:
             job("update_memory", run_update_memory)
+            # The updater's writes become searchable at the index's next refresh (1 s in
+            # production: "learns in seconds"); rounds here are milliseconds apart, so without
+            # an explicit refresh which round first sees them would depend on timing.
+            self.es.indices.refresh(index=memory_alias(s.es.catalog_alias, s.memory.alias))
         if spec.retrain and c.move_every > 0 and n % c.move_every == 0:
             job("move_events", run_move_events)
         if spec.retrain and c.retrain_every > 0 and n % c.retrain_every == 0 and n < c.rounds:

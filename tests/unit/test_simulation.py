@@ -505,3 +505,23 @@ def test_retraining_section_pairs_rounds_and_tests_the_difference():
     assert paired_p_value([0.1, -0.1] * 20) == 1.0
     text = retrain_table(rep)
     assert "| 20 | 40 | 20 | 16/4 | 0.500 -> 0.600 | yes | v1 |" in text and "| tag |" in text
+
+
+def test_sim_settings_make_every_learned_state_read_synchronously():
+    """What a policy learns reaches its next search by round, never by wall clock: the
+    posteriors and the examination model are re-read on every use (refresh 0), and the
+    ablation switch turns neighbour pairs off for that policy only."""
+    from orchestrator.simulation.runner import sim_settings
+
+    base = OrchestratorSettings()
+    assert base.examination.refresh_interval_s > 0 and base.memory.neighbours_per_click > 0
+    s = sim_settings(base, prefix="p:", alias="cat", max_results=60, display=10,
+                     memory_alias="cat-mem", neighbours=False)
+    assert s.examination.refresh_interval_s == 0.0 and s.examination.max_position == 10
+    assert s.memory.alias == "cat-mem" and s.memory.neighbours_per_click == 0
+    assert s.redis.key_prefix == "p:"
+    on = sim_settings(base, prefix="q:", alias="cat", max_results=60, memory_alias="cat-mem")
+    assert on.memory.neighbours_per_click == base.memory.neighbours_per_click
+    assert base.memory.neighbours_per_click > 0 and base.examination.refresh_interval_s == 60.0
+    assert on.examination.refresh_interval_s == 0.0
+    assert on.examination.max_position == base.examination.max_position
