@@ -118,7 +118,8 @@ REWARD_DEFAULTS: dict[str, Any] = {
 }
 #: ``reload_interval_s``: how often (at most) a running orchestrator checks ``model_dir`` for a
 #: newly promoted model (one small file read; see :func:`orchestrator.rescoring.current_version`).
-RESCORER_DEFAULTS: dict[str, Any] = {"model_dir": None, "reload_interval_s": 30.0}
+RESCORER_DEFAULTS: dict[str, Any] = {"model_dir": None, "reload_interval_s": 30.0,
+                                      "intent_split": False}
 #: ``settings.resilience`` (see :class:`orchestrator.settings.ResilienceSettings` and
 #: :mod:`orchestrator.resilience`).
 RESILIENCE_DEFAULTS: dict[str, Any] = {
@@ -373,7 +374,8 @@ class Orchestrator:
                  arm_timeout_ms: float = 500.0,
                  memory_keys: MemoryKeys | None = None, swap_rate: float = 0.0,
                  swap_max_position: int = 20,
-                 examination_refresh_s: float | None = None) -> None:
+                 examination_refresh_s: float | None = None,
+                 intent_split: bool = False) -> None:
         self.es = es
         self.redis = redis
         self.registry = registry
@@ -402,7 +404,7 @@ class Orchestrator:
         self.max_query_chars = max_query_chars
         self.es_url = es_url
         self.redis_url = redis_url
-        self.extractor = FeatureExtractor([t.arm for t in registry])
+        self.extractor = FeatureExtractor([t.arm for t in registry], intent_split=intent_split)
         self._specs = {t.id: ArmSpec.from_template(t) for t in registry}
         self.writer = writer
         self.fallback = fallback
@@ -549,6 +551,7 @@ class Orchestrator:
             swap_rate=ex.swap_rate if ex is not None else 0.0,
             swap_max_position=ex.max_position if ex is not None else 20,
             examination_refresh_s=ex.refresh_interval_s if ex is not None else None,
+            intent_split=bool(r["intent_split"]),
         )
 
     # -- rescorer hot reload -----------------------------------------------------------------

@@ -20,6 +20,10 @@ when missing):
   0): the state of a pair the memory has never shown, neither a reward nor a penalty. (The
   memory's ``ctr`` is already a posterior mean, :func:`orchestrator.memory.memory_score`; the
   extra shrinkage is what makes "absent" and "no exposures yet" the same value.)
+* with ``rescorer.intent_split`` (off by default), a copy ``<feature>|browse`` of every feature
+  above: the feature on queries whose intent is browse / topical / broad, a constant on
+  lookups (:class:`FeatureExtractor`), so one linear model can weigh the arms differently
+  for descriptive queries and for lookups
 
 Missing features are neutral, not 0. A feature a model knows but the extractor does not
 produce (an arm removed from the registry, a model from a wider layout) takes the model's
@@ -89,6 +93,12 @@ GENERIC_FEATURES: tuple[str, ...] = (
     "is_track", "is_artist", "is_album", "memory_ctr", "memory_log_exposures",
 )
 
+#: Intents whose queries get the ``|browse`` feature copies (``FeatureExtractor(intent_split=
+#: True)``): descriptive queries with many right answers; the others (``known_item``,
+#: ``artist``) are lookups.
+BROWSE_INTENTS: frozenset[str] = frozenset({"browse", "topical", "broad"})
+SPLIT_SUFFIX = "|browse"
+
 #: Neutral values of features whose 0 means something (see the module docstring); other
 #: features are neutral at their training mean.
 _NEUTRAL_FIXED: dict[str, float] = {"best_rank_log": MISSING_RANK,
@@ -138,13 +148,34 @@ def _as_list(v: Any) -> list[str]:
     return [str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)]
 
 
-class FeatureExtractor:
-    """Compute the named features of candidates for one query (see the module docstring)."""
+def _split_fill(name: str) -> float:
+    """The constant a ``<feature>|browse`` column takes on a lookup query."""
+    if name.startswith("rank:") or name == "best_rank_log":
+        return MISSING_RANK
+    if name.startswith("nscore:"):
+        return MISSING_SCORE
+    return 0.0
 
-    def __init__(self, arms: Sequence[str] = ()) -> None:
+
+class FeatureExtractor:
+    """Compute the named features of candidates for one query (see the module docstring).
+
+    ``intent_split=True`` adds a copy of every feature, ``<feature>|browse``, that equals it
+    on queries whose intent is in :data:`BROWSE_INTENTS` and is a constant on the others
+    (lookups): a linear model over both is two models sharing one part, so the ranker can
+    learn that a deep ``explore`` or ``structured`` rank means something for "chill jazz"
+    that it does not for "shape of you". A constant within a query never changes an order.
+    """
+
+    def __init__(self, arms: Sequence[str] = (), *, intent_split: bool = False) -> None:
         self.arms = tuple(arms)
-        self.names: tuple[str, ...] = GENERIC_FEATURES + tuple(
+        self.intent_split = bool(intent_split)
+        base = GENERIC_FEATURES + tuple(
             f"{kind}:{a}" for a in self.arms for kind in ("rank", "nscore"))
+        self._n_base = len(base)
+        self._split_fill = np.array([_split_fill(n) for n in base])
+        self.names: tuple[str, ...] = base + (
+            tuple(f"{n}{SPLIT_SUFFIX}" for n in base) if self.intent_split else ())
 
     def _query_info(self, query: str, parsed: ParsedQuery | None) -> dict[str, Any]:
         nq = normalize_query(query)
@@ -169,8 +200,8 @@ class FeatureExtractor:
         n_generic = len(GENERIC_FEATURES)
         X = np.zeros((len(candidates), len(self.names)))
         if self.arms:
-            X[:, n_generic::2] = MISSING_RANK
-            X[:, n_generic + 1::2] = MISSING_SCORE
+            X[:, n_generic:self._n_base:2] = MISSING_RANK
+            X[:, n_generic + 1:self._n_base:2] = MISSING_SCORE
         qtok = qi["tokens"]
         for r, c in enumerate(candidates):
             src = c.source
@@ -215,6 +246,12 @@ class FeatureExtractor:
             row[18] = float(etype == "artist")
             row[19] = float(etype == "album")
             row[20], row[21] = memory_features(src.get("_memory"))
+        if self.intent_split:
+            nb = self._n_base
+            if intent in BROWSE_INTENTS:
+                X[:, nb:] = X[:, :nb]
+            else:
+                X[:, nb:] = self._split_fill
         return X
 
 

@@ -167,6 +167,8 @@ class PolicySpec:
     #: Learning parts of an ``ours`` policy (ablations switch one off).
     memory: bool = True
     neighbours: bool = True
+    #: ``rescorer.intent_split`` of the policy (None: the settings' value).
+    intent_split: bool | None = None
     retrain: bool = True
     ranker: bool = True
     budget_mode: str | None = None
@@ -195,10 +197,12 @@ ABLATIONS: tuple[PolicySpec, ...] = (
     PolicySpec("ours_no_rescorer", "ours", ranker=False, seed_as="ours"),
     PolicySpec("ours_no_retrain", "ours", retrain=False, seed_as="ours"),
     PolicySpec("ours_no_neighbours", "ours", neighbours=False, seed_as="ours"),
+    PolicySpec("ours_intent_split", "ours", intent_split=True, seed_as="ours"),
 )
 
 #: Available by name, not in the default set.
-NOT_DEFAULT = frozenset({"all_arms", "ours_no_retrain", "ours_no_neighbours"})
+NOT_DEFAULT = frozenset({"all_arms", "ours_no_retrain", "ours_no_neighbours",
+                         "ours_intent_split"})
 
 
 def is_static(spec: PolicySpec) -> bool:

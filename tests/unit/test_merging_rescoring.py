@@ -109,3 +109,63 @@ def test_dataset_from_events_joins_feedback():
     ]
     X, y, names = dataset_from_events(events)
     assert names == ("f",) and X.tolist() == [[1.0], [0.0]] and y.tolist() == [1, 0]
+
+
+def _two_arm_query(q: int) -> list:
+    """Five candidates from each of two arms that never agree, for query ``q``."""
+    return UnionMerger().merge([
+        ArmResult("lex", "lex.v1", tuple(hit(f"l{q}-{r}", 10.0 - r, r, popularity=50)
+                                         for r in range(1, 6)), 3),
+        ArmResult("exp", "exp.v1", tuple(hit(f"e{q}-{r}", 5.0 - r / 2, r, popularity=50)
+                                         for r in range(1, 6)), 3)])
+
+
+def test_intent_split_copies_features_on_browse_queries_only():
+    cands = UnionMerger().merge(RESULTS)
+    plain = FeatureExtractor(["lexical", "memory", "semantic"])
+    split = FeatureExtractor(["lexical", "memory", "semantic"], intent_split=True)
+    n = len(plain.names)
+    assert split.names[:n] == plain.names and len(split.names) == 2 * n
+    assert split.names[n:] == tuple(f"{x}|browse" for x in plain.names)
+    browse = ParsedQuery("chill jazz", "chill jazz", intent="browse")
+    lookup = ParsedQuery("dancing queen", "dancing queen", intent="known_item")
+    Xb = split.rows(cands, query="chill jazz", parsed=browse)
+    assert np.array_equal(Xb[:, :n], plain.rows(cands, query="chill jazz", parsed=browse))
+    assert np.array_equal(Xb[:, n:], Xb[:, :n])
+    Xl = split.rows(cands, query="dancing queen", parsed=lookup)
+    assert np.array_equal(Xl[:, :n], plain.rows(cands, query="dancing queen", parsed=lookup))
+    assert (Xl[:, n:] == Xl[0, n:]).all()  # one constant per column: no order changes
+    fl = dict(zip(split.names, Xl[0]))
+    assert fl["rank:lexical|browse"] == MISSING_RANK and fl["nscore:memory|browse"] == MISSING_SCORE
+    assert fl["best_rank_log|browse"] == MISSING_RANK and fl["rrf|browse"] == 0.0
+    # a model that does not know the copies ranks exactly as before
+    d = LinearRescorer.default()
+    for q, p in (("chill jazz", browse), ("dancing queen", lookup)):
+        assert [c.id for c, _, _ in d.rank(cands, query=q, parsed=p, extractor=split)] == \
+            [c.id for c, _, _ in d.rank(cands, query=q, parsed=p, extractor=plain)]
+
+
+def test_intent_split_lets_the_ranker_prefer_other_arms_for_browse_queries():
+    """Lookups (70%) click the first ``lex`` item, browse queries the first ``exp`` item. One
+    set of weights must pick one arm for both; with the ``|browse`` copies it learns both."""
+    queries = [(q, "browse" if q % 10 < 3 else "known_item") for q in range(200)]
+
+    def accuracy(ex: FeatureExtractor) -> dict[str, float]:
+        rows, labels = [], []
+        for q, intent in queries:
+            cands = _two_arm_query(q)
+            rows.append(ex.rows(cands, query=f"q{q}", parsed=ParsedQuery(f"q{q}", f"q{q}", intent=intent)))
+            want = f"e{q}-1" if intent == "browse" else f"l{q}-1"
+            labels += [int(c.id == want) for c in cands]
+        model = train_rescorer(np.vstack(rows), np.array(labels), feature_names=ex.names)
+        hits: dict[str, list[bool]] = {"browse": [], "known_item": []}
+        for q, intent in queries:
+            ranked = model.rank(_two_arm_query(q), query=f"q{q}",
+                                parsed=ParsedQuery(f"q{q}", f"q{q}", intent=intent), extractor=ex)
+            hits[intent].append(ranked[0][0].id == (f"e{q}-1" if intent == "browse" else f"l{q}-1"))
+        return {k: float(np.mean(v)) for k, v in hits.items()}
+
+    plain = accuracy(FeatureExtractor(["lex", "exp"]))
+    split = accuracy(FeatureExtractor(["lex", "exp"], intent_split=True))
+    assert split == {"browse": 1.0, "known_item": 1.0}
+    assert plain["browse"] == 0.0 and plain["known_item"] == 1.0
