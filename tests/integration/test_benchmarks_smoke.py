@@ -32,6 +32,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "load": ("req/s", "nothing lost: True"),
     "security": ("operation", "feedback_http_secured"),
     "learning": ("task (one worker)", "move_events", "rebuild_posteriors"),
+    "ranker_features": ("paired (IPS-nDCG@10)", "split-plain"),
     "faults": ("scenario", "es_stopped", "redis_stopped:"),
 }
 
