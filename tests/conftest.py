@@ -142,3 +142,26 @@ def test_alias(es):
     alias = f"test-{uuid.uuid4().hex[:8]}"
     yield alias
     es.indices.delete(index=f"{alias}*", ignore_unavailable=True, allow_no_indices=True)
+
+
+@pytest.fixture()
+def fixed_plan_orchestrator(es, redis_client, redis_prefix, settings):
+    """``make(plan, catalog=..., memory_alias=...)``: a live orchestrator that runs exactly the
+    arms of ``plan`` (arm -> budget; local templates, no QU) under the test's Redis prefix."""
+    from orchestrator import Orchestrator
+    from orchestrator.selection import FixedPlanSelector
+    from orchestrator.templates import TemplateRegistry
+
+    def make(plan: dict[str, int], *, catalog: str, memory_alias: str) -> Orchestrator:
+        s = settings.model_copy(update={
+            "redis": settings.redis.model_copy(update={"key_prefix": redis_prefix}),
+            "es": settings.es.model_copy(update={"catalog_alias": catalog}),
+            "templates": settings.templates.model_copy(update={"mode": "local"}),
+            "memory": settings.memory.model_copy(update={"alias": memory_alias}),
+        })
+        full = TemplateRegistry.from_dir(settings.templates.dir)
+        registry = TemplateRegistry({t.id: t for t in full if t.arm in plan})
+        return Orchestrator.from_settings(s, es=es, redis=redis_client, understander=None,
+                                          registry=registry, selector=FixedPlanSelector(plan))
+
+    return make

@@ -15,7 +15,6 @@ import time
 
 import pytest
 
-from orchestrator import Orchestrator
 from orchestrator.event_log import EventMover
 from orchestrator.memory import (
     ITEM_FIELDS,
@@ -26,8 +25,6 @@ from orchestrator.memory import (
     run_loop,
     seed_memory,
 )
-from orchestrator.selection import FixedPlanSelector
-from orchestrator.templates import TemplateRegistry
 
 pytestmark = [pytest.mark.elasticsearch, pytest.mark.redis]
 
@@ -35,7 +32,7 @@ PLAN = {"lexical": 50, "memory": 10}
 
 
 @pytest.fixture()
-def env(es, redis_client, redis_prefix, settings, catalog_slice, test_alias):
+def env(es, redis_client, redis_prefix, catalog_slice, test_alias, fixed_plan_orchestrator):
     """A memory alias seeded with Taylor Swift's predicted pairs only, an updater and an
     orchestrator running the lexical and memory arms on the catalog slice."""
     memory_alias = f"{test_alias}-memory"
@@ -43,16 +40,7 @@ def env(es, redis_client, redis_prefix, settings, catalog_slice, test_alias):
                      query={"term": {"artist.raw": "taylor swift"}})["hits"]["hits"]
     seed_memory(es, catalog=catalog_slice, memory_alias=memory_alias, keep_old_indices=0,
                 entities=[(h["_id"], h["_source"]) for h in hits])
-    s = settings.model_copy(update={
-        "redis": settings.redis.model_copy(update={"key_prefix": redis_prefix}),
-        "es": settings.es.model_copy(update={"catalog_alias": catalog_slice}),
-        "templates": settings.templates.model_copy(update={"mode": "local"}),
-        "memory": settings.memory.model_copy(update={"alias": memory_alias}),
-    })
-    full = TemplateRegistry.from_dir(settings.templates.dir)
-    registry = TemplateRegistry({t.id: t for t in full if t.arm in PLAN})
-    orch = Orchestrator.from_settings(s, es=es, redis=redis_client, understander=None,
-                                      registry=registry, selector=FixedPlanSelector(PLAN))
+    orch = fixed_plan_orchestrator(PLAN, catalog=catalog_slice, memory_alias=memory_alias)
     updater = MemoryUpdater(redis_client, es, prefix=redis_prefix, memory_alias=memory_alias,
                             catalog_alias=catalog_slice)
     updater.ensure()

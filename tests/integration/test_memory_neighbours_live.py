@@ -12,11 +12,8 @@ import json
 
 import pytest
 
-from orchestrator import Orchestrator
 from orchestrator.memory import ITEM_FIELDS, MemoryKeys, MemoryUpdater, pair_id, seed_memory
 from orchestrator.neighbours import find_neighbours, neighbour_query
-from orchestrator.selection import FixedPlanSelector
-from orchestrator.templates import TemplateRegistry
 
 pytestmark = [pytest.mark.elasticsearch, pytest.mark.redis]
 
@@ -131,8 +128,8 @@ def test_a_first_click_proposes_the_items_neighbours_for_its_query(env, es, redi
 
 
 def test_the_memory_arm_serves_neighbours_after_the_clicked_item(env, es, redis_client,
-                                                                 redis_prefix, settings,
-                                                                 catalog_slice):
+                                                                 redis_prefix, catalog_slice,
+                                                                 fixed_plan_orchestrator):
     updater, memory_alias = env
     stream = f"{redis_prefix}events"
     tracks = _artist_tracks(es, catalog_slice)
@@ -141,17 +138,7 @@ def test_the_memory_arm_serves_neighbours_after_the_clicked_item(env, es, redis_
     _play(redis_client, stream, "r1", clicked, 1)
     assert updater.run().neighbours == 3
     es.indices.refresh(index=memory_alias)
-    plan = {"memory": 10}
-    s = settings.model_copy(update={
-        "redis": settings.redis.model_copy(update={"key_prefix": redis_prefix}),
-        "es": settings.es.model_copy(update={"catalog_alias": catalog_slice}),
-        "templates": settings.templates.model_copy(update={"mode": "local"}),
-        "memory": settings.memory.model_copy(update={"alias": memory_alias}),
-    })
-    full = TemplateRegistry.from_dir(settings.templates.dir)
-    registry = TemplateRegistry({t.id: t for t in full if t.arm in plan})
-    orch = Orchestrator.from_settings(s, es=es, redis=redis_client, understander=None,
-                                      registry=registry, selector=FixedPlanSelector(plan))
+    orch = fixed_plan_orchestrator({"memory": 10}, catalog=catalog_slice, memory_alias=memory_alias)
     resp = orch.search("Road Trip", size=10, total_budget=10)
     ranked = [i for _, i in sorted((p.rank, it.id) for it in resp.results
                                    for p in it.provenance if p.arm == "memory")]
