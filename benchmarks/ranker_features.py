@@ -10,7 +10,9 @@ the promotion gate uses (:func:`orchestrator.training.evaluate`), on rolling-ori
 train on the first ``k / (folds + 1)`` of the groups by time, test on the next slice.
 A paired sign-flip test over every test group (per-group nDCG, plain vs split) says whether
 the difference is noise; browse groups (a browse / topical / broad intent) and lookups are
-reported apart.
+reported apart. ``gated``: the plain model used only for the query kinds where it beat the
+default on the newest 20% of its own training slice (a per-kind promotion gate), the
+default elsewhere.
 
     python benchmarks/ranker_features.py [--rounds 2000] [--folds 5] \\
         [--out benchmarks/results/ranker_features.json]
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -85,7 +88,7 @@ def compare(groups: list[RankingGroup], names: tuple[str, ...], *, folds: int,
     if size < 2:
         raise SystemExit(f"{len(ordered)} ranking groups are too few for {folds} folds")
     rows: list[dict[str, Any]] = []
-    per: dict[str, list[tuple[float, float, float]]] = {"browse": [], "lookup": []}
+    per: dict[str, list[tuple[float, ...]]] = {"browse": [], "lookup": []}
     for k in range(1, folds + 1):
         train, test = ordered[: k * size], ordered[k * size: (k + 1) * size]
         test = [g for g in test if g.informative]
@@ -94,6 +97,7 @@ def compare(groups: list[RankingGroup], names: tuple[str, ...], *, folds: int,
         try:
             models["plain"] = (_fit(train, names, plain, examination, ips_cap, C), plain)
             models["split"] = (_fit(train, names, split, examination, ips_cap, C), split)
+            gate = _gate(train, names, plain, examination, ips_cap, C)
         except Exception as exc:  # noqa: BLE001 - a fold without both classes
             fold["error"] = str(exc)
             rows.append(fold)
@@ -102,22 +106,51 @@ def compare(groups: list[RankingGroup], names: tuple[str, ...], *, folds: int,
             sub = [names[c] for c in cols]
             fold[name] = round(evaluate(m, [_cols(g, cols) for g in test], sub, k=10,
                                         examination=examination, ips_cap=ips_cap), 4)
+        fold["gate"] = gate
         for g in test:
             kind = "browse" if is_browse(g, names) else "lookup"
-            per[kind].append(tuple(_per_group(models[x][0], g, names, models[x][1], examination,
-                                              ips_cap) for x in ("default", "plain", "split")))
+            vals = tuple(_per_group(models[x][0], g, names, models[x][1], examination, ips_cap)
+                         for x in ("default", "plain", "split"))
+            per[kind].append((*vals, vals[1] if gate[kind] else vals[0]))
         rows.append(fold)
     out: dict[str, Any] = {"groups": len(ordered), "features_plain": int(n_plain),
                            "features_split": len(names), "folds": rows, "paired": {}}
     for kind in ("browse", "lookup", "all"):
-        vals = np.array(per["browse"] + per["lookup"] if kind == "all" else per[kind]).reshape(-1, 3)
+        vals = np.array(per["browse"] + per["lookup"] if kind == "all" else per[kind]).reshape(-1, 4)
         if not len(vals):
             continue
         d = vals[:, 2] - vals[:, 1]
         out["paired"][kind] = {
             "n": int(len(vals)), "default": round(float(vals[:, 0].mean()), 4),
             "plain": round(float(vals[:, 1].mean()), 4), "split": round(float(vals[:, 2].mean()), 4),
-            "split_minus_plain": round(float(d.mean()), 4), "p": round(sign_flip_p(d), 4)}
+            "split_minus_plain": round(float(d.mean()), 4), "p": round(sign_flip_p(d), 4),
+            "gated": round(float(vals[:, 3].mean()), 4),
+            "gated_minus_default": round(float((vals[:, 3] - vals[:, 0]).mean()), 4),
+            "p_gated_vs_default": round(sign_flip_p(vals[:, 3] - vals[:, 0]), 4),
+            "gated_minus_plain": round(float((vals[:, 3] - vals[:, 1]).mean()), 4),
+            "p_gated_vs_plain": round(sign_flip_p(vals[:, 3] - vals[:, 1]), 4)}
+    return out
+
+
+def _gate(train: list[RankingGroup], names: tuple[str, ...], cols: np.ndarray,
+          examination: ExaminationModel, ips_cap: float, C: float) -> dict[str, bool]:
+    """Per query kind, does a plain model beat the default? Decided as the promotion gate
+    would, inside the training slice only: fit on its oldest 80%, compare on its newest 20%
+    (the kinds' own groups). The gated ranker uses the trained model where it won."""
+    h = max(1, math.ceil(0.2 * len(train)))
+    fit, check = train[:-h], train[-h:]
+    out = {"browse": False, "lookup": False}
+    try:
+        model = _fit(fit, names, cols, examination, ips_cap, C)
+    except Exception:  # noqa: BLE001 - too little to fit: keep the default
+        return out
+    sub = [names[c] for c in cols]
+    for kind in out:
+        gs = [_cols(g, cols) for g in check if g.informative and (is_browse(g, names) == (kind == "browse"))]
+        if gs:
+            out[kind] = bool(evaluate(model, gs, sub, k=10, examination=examination, ips_cap=ips_cap)
+                             > evaluate(LinearRescorer.default(), gs, sub, k=10,
+                                        examination=examination, ips_cap=ips_cap))
     return out
 
 
@@ -190,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{f.get('default', float('nan')):>8.4f} {f.get('plain', float('nan')):>7.4f} "
               f"{f.get('split', float('nan')):>7.4f}")
     print(f"\n{'paired (IPS-nDCG@10)':<22} {'n':>5} {'default':>8} {'plain':>7} {'split':>7} "
-          f"{'split-plain':>11} {'p':>6}")
+          f"{'split-plain':>11} {'p':>6} {'gated':>7} {'gated-default':>13} {'p':>6}")
     for kind, v in result["paired"].items():
         print(f"{kind:<22} {v['n']:>5} {v['default']:>8.4f} {v['plain']:>7.4f} {v['split']:>7.4f} "
-              f"{v['split_minus_plain']:>+11.4f} {v['p']:>6.3f}")
+              f"{v['split_minus_plain']:>+11.4f} {v['p']:>6.3f} {v['gated']:>7.4f} "
+              f"{v['gated_minus_default']:>+13.4f} {v['p_gated_vs_default']:>6.3f}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {out_path}")

@@ -566,7 +566,7 @@ def simulate(
     policies: Annotated[str | None, typer.Option(
         help="Comma list (default: all but all_arms and ours_no_retrain): single, all_arms, "
              "hybrid_rrf, random, epsilon_greedy, ours, ours_no_memory, ours_equal_budgets, "
-             "ours_no_rescorer, ours_no_retrain, ours_no_neighbours, ours_intent_split, "
+             "ours_no_rescorer, ours_no_retrain, ours_no_neighbours, ours_no_intent_split, "
              "arm:<template id>.")] = None,
     oracle: Annotated[bool, typer.Option(help="Calibrate and run the oracle (regret).")] = True,
     calibration: Annotated[int, typer.Option(help="Oracle calibration queries per query type.")] = 40,

@@ -119,7 +119,7 @@ REWARD_DEFAULTS: dict[str, Any] = {
 #: ``reload_interval_s``: how often (at most) a running orchestrator checks ``model_dir`` for a
 #: newly promoted model (one small file read; see :func:`orchestrator.rescoring.current_version`).
 RESCORER_DEFAULTS: dict[str, Any] = {"model_dir": None, "reload_interval_s": 30.0,
-                                      "intent_split": False}
+                                      "intent_split": True}
 #: ``settings.resilience`` (see :class:`orchestrator.settings.ResilienceSettings` and
 #: :mod:`orchestrator.resilience`).
 RESILIENCE_DEFAULTS: dict[str, Any] = {
@@ -375,7 +375,7 @@ class Orchestrator:
                  memory_keys: MemoryKeys | None = None, swap_rate: float = 0.0,
                  swap_max_position: int = 20,
                  examination_refresh_s: float | None = None,
-                 intent_split: bool = False) -> None:
+                 intent_split: bool = True) -> None:
         self.es = es
         self.redis = redis
         self.registry = registry

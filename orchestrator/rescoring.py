@@ -20,7 +20,7 @@ when missing):
   0): the state of a pair the memory has never shown, neither a reward nor a penalty. (The
   memory's ``ctr`` is already a posterior mean, :func:`orchestrator.memory.memory_score`; the
   extra shrinkage is what makes "absent" and "no exposures yet" the same value.)
-* with ``rescorer.intent_split`` (off by default), a copy ``<feature>|browse`` of every feature
+* with ``rescorer.intent_split`` (the default), a copy ``<feature>|browse`` of every feature
   above: the feature on queries whose intent is browse / topical / broad, a constant on
   lookups (:class:`FeatureExtractor`), so one linear model can weigh the arms differently
   for descriptive queries and for lookups

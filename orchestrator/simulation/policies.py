@@ -197,12 +197,12 @@ ABLATIONS: tuple[PolicySpec, ...] = (
     PolicySpec("ours_no_rescorer", "ours", ranker=False, seed_as="ours"),
     PolicySpec("ours_no_retrain", "ours", retrain=False, seed_as="ours"),
     PolicySpec("ours_no_neighbours", "ours", neighbours=False, seed_as="ours"),
-    PolicySpec("ours_intent_split", "ours", intent_split=True, seed_as="ours"),
+    PolicySpec("ours_no_intent_split", "ours", intent_split=False, seed_as="ours"),
 )
 
 #: Available by name, not in the default set.
 NOT_DEFAULT = frozenset({"all_arms", "ours_no_retrain", "ours_no_neighbours",
-                         "ours_intent_split"})
+                         "ours_no_intent_split"})
 
 
 def is_static(spec: PolicySpec) -> bool:

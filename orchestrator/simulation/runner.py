@@ -38,8 +38,8 @@ train_qu only with ``train_qu``, on a per-policy copy of the QU folder, never se
 understander is shared) every ``retrain_every`` rounds. Ablations share ``ours``'s seeds:
 ``ours_no_memory`` (no memory updates; its clone still serves the seeded pairs),
 ``ours_equal_budgets`` (bandit ``budget_mode="equal"``), ``ours_no_neighbours`` (the memory
-proposes no neighbours of clicked items), ``ours_intent_split`` (the ranker's features get
-their ``|browse`` copies, ``rescorer.intent_split``), ``ours_no_rescorer`` (no
+proposes no neighbours of clicked items), ``ours_no_intent_split`` (the ranker's features
+have no ``|browse`` copies, ``rescorer.intent_split`` off), ``ours_no_rescorer`` (no
 train_ranker, default rescorer) and, by name only, ``ours_no_retrain``.
 
 Cost: the policies of a round run concurrently (``workers`` threads; each orchestrator is
