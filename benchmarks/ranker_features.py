@@ -37,9 +37,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from orchestrator.examination import ExaminationModel  # noqa: E402
-from orchestrator.metrics import ndcg_of_scores  # noqa: E402
 from orchestrator.rescoring import LinearRescorer, ips_weights, train_rescorer  # noqa: E402
 from orchestrator.settings import OrchestratorSettings  # noqa: E402
+from orchestrator.simulation.report import paired_p_value  # noqa: E402
 from orchestrator.training import RankingGroup, evaluate, load_events, ranking_groups  # noqa: E402
 
 SPLIT = "|browse"
@@ -54,6 +54,7 @@ def is_browse(g: RankingGroup, names: tuple[str, ...]) -> bool:
 
 def _fit(groups: list[RankingGroup], names: tuple[str, ...], cols: np.ndarray,
          examination: ExaminationModel, ips_cap: float, C: float) -> LinearRescorer:
+    """The candidate as :func:`~orchestrator.training.retrain_ranker` fits it, on ``cols``."""
     X = np.vstack([g.X[:, cols] for g in groups])
     y = np.concatenate([g.y for g in groups])
     w = np.concatenate([ips_weights(g.y, g.display_positions, examination, cap=ips_cap)
@@ -63,16 +64,9 @@ def _fit(groups: list[RankingGroup], names: tuple[str, ...], cols: np.ndarray,
 
 def _per_group(model: LinearRescorer, g: RankingGroup, names: tuple[str, ...],
                cols: np.ndarray, examination: ExaminationModel, ips_cap: float) -> float:
-    gains = g.y * ips_weights(g.y, g.display_positions, examination, cap=ips_cap)
-    return ndcg_of_scores(model.score(g.X[:, cols], [names[c] for c in cols]), gains, k=10)
-
-
-def sign_flip_p(diff: np.ndarray, *, n: int = 20000, seed: int = 0) -> float:
-    if not len(diff) or not np.any(diff):
-        return 1.0
-    rng = np.random.default_rng(seed)
-    flips = rng.choice([-1.0, 1.0], size=(n, len(diff)))
-    return float((np.abs((flips * diff).mean(1)) >= abs(diff.mean()) - 1e-12).mean())
+    """The held-out metric of one (informative) group: :func:`evaluate` of it alone."""
+    return evaluate(model, [_cols(g, cols)], [names[c] for c in cols], k=10,
+                    examination=examination, ips_cap=ips_cap)
 
 
 def compare(groups: list[RankingGroup], names: tuple[str, ...], *, folds: int,
@@ -123,12 +117,12 @@ def compare(groups: list[RankingGroup], names: tuple[str, ...], *, folds: int,
         out["paired"][kind] = {
             "n": int(len(vals)), "default": round(float(vals[:, 0].mean()), 4),
             "plain": round(float(vals[:, 1].mean()), 4), "split": round(float(vals[:, 2].mean()), 4),
-            "split_minus_plain": round(float(d.mean()), 4), "p": round(sign_flip_p(d), 4),
+            "split_minus_plain": round(float(d.mean()), 4), "p": paired_p_value(d),
             "gated": round(float(vals[:, 3].mean()), 4),
             "gated_minus_default": round(float((vals[:, 3] - vals[:, 0]).mean()), 4),
-            "p_gated_vs_default": round(sign_flip_p(vals[:, 3] - vals[:, 0]), 4),
+            "p_gated_vs_default": paired_p_value(vals[:, 3] - vals[:, 0]),
             "gated_minus_plain": round(float((vals[:, 3] - vals[:, 1]).mean()), 4),
-            "p_gated_vs_plain": round(sign_flip_p(vals[:, 3] - vals[:, 1]), 4)}
+            "p_gated_vs_plain": paired_p_value(vals[:, 3] - vals[:, 1])}
     return out
 
 
