@@ -666,11 +666,8 @@ class MemoryUpdater:
 
         if self.neighbours_min_pairs > 1:
             keys = sorted({qk for qk, _it, _src in first_clicks})
-            pipe = self.redis.pipeline(transaction=False)
-            for qk in keys:
-                pipe.hget(self.keys_key, qk)
             have = {qk: int(float(v or 0)) + known.get(qk, 0)
-                    for qk, v in zip(keys, pipe.execute())}
+                    for qk, v in zip(keys, self.redis.hmget(self.keys_key, keys))}
             first_clicks = [fc for fc in first_clicks
                             if have[fc[0]] >= self.neighbours_min_pairs]
             if not first_clicks:
