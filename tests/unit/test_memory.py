@@ -3,8 +3,6 @@ negative-only pairs, the per-batch aggregation, and the merge of memory-index hi
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from orchestrator.domain import ArmResult, Hit
@@ -101,7 +99,8 @@ def test_decay_halves_old_evidence():
 def test_aggregation_cost_is_independent_of_history():
     """The updater aggregates a batch alone (history lives in the pair documents, read by id):
     the same batch does the same work, and gives the same deltas, after 100 or 100,000 earlier
-    events. Work is counted (propensity look-ups), and timed with a generous margin."""
+    events. Work is counted (propensity look-ups), not timed: timings belong in
+    ``benchmarks/learning.py``."""
 
     class Counting(ExaminationModel):
         calls = 0
@@ -114,21 +113,19 @@ def test_aggregation_cost_is_independent_of_history():
     batch = [imp(f"n{i}", f"q{i % 50}", [f"i{j}" for j in range(10)], f"{10**9 + i}-0")
              for i in range(500)]
 
-    def run() -> tuple[int, float, dict]:
+    def run() -> tuple[int, dict]:
         Counting.calls = 0
-        t = time.perf_counter()
         out = aggregate(batch, examination=theta, keep_parts=True)
-        return Counting.calls, time.perf_counter() - t, out
+        return Counting.calls, out
 
-    calls_small, t_small, first = run()
+    calls_small, first = run()
     history = [imp(f"h{i}", f"q{i % 50}", [f"i{j}" for j in range(10)], f"{i}-0")
                for i in range(100_000)]
     aggregate(history, examination=THETA)  # the history happened (and was applied)
-    calls_large, t_large, again = run()
+    calls_large, again = run()
     assert calls_small == calls_large == 5000
     assert {k: (d.clicks, d.examinations) for k, d in first.items()} == \
         {k: (d.clicks, d.examinations) for k, d in again.items()}
-    assert t_large < 10 * t_small + 0.05
 
 
 def test_pair_id_is_stable_and_distinct():
