@@ -340,7 +340,7 @@ def measure(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], catalog
     if memory_alias in (f"{catalog_alias}-memory", settings.memory.alias):
         raise ValueError(f"{memory_alias} is a production memory alias; pass a benchmark one")
     every_s = every_s if every_s is not None else settings.celery.update_memory_every_s
-    batch_size = batch_size or settings.celery.event_batch_size  # what the task uses
+    batch_size = batch_size or settings.memory.batch_size  # what the task uses
     t0 = time.perf_counter()
     try:
         fresh = _freshness(es, redis, settings=settings, catalog_alias=catalog_alias,

@@ -217,7 +217,7 @@ def memory_run(
     up = updater_from_settings(s, _es(s), build_redis(s.redis))
     typer.echo(f"memory updater: {up.stream} -> {up.memory_alias} (group memory); Ctrl-C stops")
     try:
-        run_loop(up, interval_s=interval, batch_size=s.celery.event_batch_size)
+        run_loop(up, interval_s=interval, batch_size=s.memory.batch_size)
     except KeyboardInterrupt:
         pass
 

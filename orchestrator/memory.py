@@ -67,6 +67,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ from elasticsearch import Elasticsearch, NotFoundError, helpers
 
 from .examination import ExaminationModel
 from .text import normalize_query
+from .training import decay_weight, event_time, stream_id_key
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +153,13 @@ def pair_document(query_key: str, item_id: str, *, item: Mapping[str, Any], prio
 # -- events -> per-pair evidence (pure) ----------------------------------------------------------
 
 def _key(event_id: Any) -> tuple[int, int]:
-    from .training import stream_id_key
-
+    """``"<ms>-<seq>"`` as a sortable pair (:func:`orchestrator.training.stream_id_key`)."""
     return stream_id_key(event_id)
 
 
 def _shown(event: Mapping[str, Any]) -> Iterator[tuple[str, int]]:
+    """``(item id, display position)`` of an impression's shown items: dicts (``id`` or
+    ``item_id``, ``rank``), ``[id, rank]`` pairs (the compact stream record) or bare ids."""
     for name in ("shown", "items", "results"):
         items = event.get(name)
         if items:
@@ -165,6 +168,9 @@ def _shown(event: Mapping[str, Any]) -> Iterator[tuple[str, int]]:
                     iid = it.get("id") or it.get("item_id")
                     if iid:
                         yield str(iid), int(it.get("rank") or i)
+                elif isinstance(it, (list, tuple)):
+                    if it and it[0]:
+                        yield str(it[0]), int(it[1] if len(it) > 1 and it[1] else i)
                 elif it:
                     yield str(it), i
             return
@@ -176,7 +182,12 @@ def event_key(event: Mapping[str, Any]) -> str:
     if key:
         return str(key)
     q = event.get("query")
-    return normalize_query(q) if isinstance(q, str) and q else ""
+    return _normalized(q) if isinstance(q, str) and q else ""
+
+
+@lru_cache(maxsize=65536)
+def _normalized(query: str) -> str:
+    return normalize_query(query)
 
 
 def contributions(event: Mapping[str, Any], *, examination: ExaminationModel,
@@ -211,6 +222,7 @@ class PairDelta:
     last_event: str | None = None
     last_ts: float = 0.0
     parts: list[tuple[tuple[int, int], float, float]] = field(default_factory=list)
+    last_key: tuple[int, int] = (-1, -1)
 
     def since(self, applied: str | None) -> tuple[float, float]:
         """Clicks and examinations of the events newer than ``applied``."""
@@ -233,30 +245,71 @@ def aggregate(events: Iterable[Mapping[str, Any]], *, examination: ExaminationMo
 
     With ``half_life_days`` each event weighs ``0.5 ** (age / half_life)`` relative to ``now``
     (the repair rebuild); the incremental updater passes no half-life.
-    """
-    from .training import decay_weight, event_time
 
+    This is :func:`contributions` summed per pair, inlined: the updater's throughput is this
+    loop's (each shown item of each impression passes through it), so it looks theta up once
+    per position and parses each stream id once (``tests/unit/test_memory.py`` checks it
+    against the generator on the same events).
+    """
     examination = examination or ExaminationModel.default()
     t_now = time.time() if now is None else now
+    theta: dict[int, float] = {}
     out: dict[tuple[str, str], PairDelta] = {}
+    get = out.get
     for ev in events:
+        typ = ev.get("type")
+        if typ == "impression":
+            shown = None
+            for name in ("shown", "items", "results"):
+                shown = ev.get(name)
+                if shown:
+                    break
+            if not shown:
+                continue
+            rows: Iterable[tuple[str, int]] = (
+                shown if isinstance(shown[0], tuple) else _shown({"shown": shown}))
+        elif typ == "feedback":
+            item_id, aw = ev.get("item_id"), action_weights.get(str(ev.get("action")))
+            if not item_id or not aw:
+                continue
+            rows = ()
+        else:
+            continue
+        qk = event_key(ev)
+        if not qk:
+            continue
         eid = ev.get("event_id")
-        k = _key(eid)
+        k = stream_id_key(eid)
         ts = event_time(ev)
         w = decay_weight(t_now - ts, half_life_days=half_life_days) if half_life_days else 1.0
-        for qk, item, dc, de in contributions(ev, examination=examination,
-                                               action_weights=action_weights,
-                                               skip_weight=skip_weight):
-            d = out.get((qk, item))
+        eid_s = str(eid) if eid else None
+        if typ == "feedback":
+            if aw > 0:
+                rows_cd: Iterable[tuple[str, float, float]] = ((str(item_id), float(aw), 0.0),)
+            else:
+                rows_cd = ((str(item_id), 0.0, float(skip_weight)),)
+        else:
+            rows_cd = []
+            for item, rank in rows:
+                p = theta.get(rank)
+                if p is None:
+                    p = theta[rank] = examination.propensity(rank)
+                rows_cd.append((item, 0.0, p))
+        for item, dc, de in rows_cd:
+            d = get((qk, item))
             if d is None:
                 d = out[(qk, item)] = PairDelta()
-            d.clicks += dc * w
-            d.examinations += de * w
-            if eid and (d.last_event is None or k > _key(d.last_event)):
-                d.last_event = str(eid)
-            d.last_ts = max(d.last_ts, ts)
+            dc *= w
+            de *= w
+            d.clicks += dc
+            d.examinations += de
+            if eid_s and k > d.last_key:
+                d.last_key = k
+                d.last_event = eid_s
+            if ts > d.last_ts:
+                d.last_ts = ts
             if keep_parts:
-                d.parts.append((k, dc * w, de * w))
+                d.parts.append((k, dc, de))
     return out
 
 
@@ -798,28 +851,40 @@ class MemoryUpdater:
         res.pending_dropped += int(dropped)
 
 
-def _decode_entry(entry_id: Any, fields: Mapping[Any, Any]) -> dict[str, Any]:
-    def s(x: Any) -> str:
-        return x.decode() if isinstance(x, bytes) else str(x)
+def _field(fields: Mapping[Any, Any], name: str) -> str | None:
+    v = fields.get(name.encode())
+    if v is None:
+        v = fields.get(name)  # a client with decode_responses=True
+    if v is None:
+        return None
+    return v.decode() if isinstance(v, bytes) else str(v)
 
-    f = {s(k): s(v) for k, v in fields.items()}
-    if f.get("type") == "impression" and f.get("mem"):
-        # The compact record (orchestrator.feedback.compact_impression): all the updater needs.
-        try:
-            data = json.loads(f["mem"])
-            data["shown"] = [{"id": i, "rank": r} for i, r in data.get("shown") or ()]
-            data["type"], data["event_id"] = "impression", s(entry_id)
-            return data
-        except (json.JSONDecodeError, TypeError, ValueError):
-            pass  # fall back to the full event
+
+def _decode_entry(entry_id: Any, fields: Mapping[Any, Any]) -> dict[str, Any]:
+    """A stream entry as an event dict. Impressions are read from their compact record
+    (``mem``: query key, time, ``[id, rank]`` pairs, kept as tuples); the full ``data`` (about
+    12 KB for 10 shown items) is decoded only when that record is missing or broken."""
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    typ = _field(fields, "type")
+    if typ == "impression":
+        mem = _field(fields, "mem")
+        if mem:
+            # The compact record (orchestrator.feedback.compact_impression): all the updater needs.
+            try:
+                data = json.loads(mem)
+                data["shown"] = [(str(i), int(r)) for i, r in data.get("shown") or ()]
+                data["type"], data["event_id"] = "impression", eid
+                return data
+            except (json.JSONDecodeError, TypeError, ValueError):
+                pass  # fall back to the full event
     try:
-        data = json.loads(f.get("data") or "{}")
+        data = json.loads(_field(fields, "data") or "{}")
     except json.JSONDecodeError:
         data = {}
     if not isinstance(data, dict):
         data = {}
-    data["type"] = f.get("type")
-    data["event_id"] = s(entry_id)
+    data["type"] = typ
+    data["event_id"] = eid
     return data
 
 

@@ -71,7 +71,7 @@ def run_update_memory(s: OrchestratorSettings, es: Any, r: Any, *,
     proportional to the new events). Returns at once when another memory job runs."""
     from .memory import updater_from_settings
 
-    return updater_from_settings(s, es, r).run(batch_size=s.celery.event_batch_size,
+    return updater_from_settings(s, es, r).run(batch_size=s.memory.batch_size,
                                                max_batches=max_batches).as_dict()
 
 

@@ -99,8 +99,8 @@ def test_decay_halves_old_evidence():
 def test_aggregation_cost_is_independent_of_history():
     """The updater aggregates a batch alone (history lives in the pair documents, read by id):
     the same batch does the same work, and gives the same deltas, after 100 or 100,000 earlier
-    events. Work is counted (propensity look-ups), not timed: timings belong in
-    ``benchmarks/learning.py``."""
+    events. Work is counted (events read, propensity look-ups: one per display position), not
+    timed: timings belong in ``benchmarks/learning.py``."""
 
     class Counting(ExaminationModel):
         calls = 0
@@ -113,19 +113,85 @@ def test_aggregation_cost_is_independent_of_history():
     batch = [imp(f"n{i}", f"q{i % 50}", [f"i{j}" for j in range(10)], f"{10**9 + i}-0")
              for i in range(500)]
 
+    read = 0
+
+    def counted(events):
+        nonlocal read
+        for ev in events:
+            read += 1
+            yield ev
+
     def run() -> tuple[int, dict]:
-        Counting.calls = 0
-        out = aggregate(batch, examination=theta, keep_parts=True)
-        return Counting.calls, out
+        nonlocal read
+        Counting.calls = read = 0
+        out = aggregate(counted(batch), examination=theta, keep_parts=True)
+        return (Counting.calls, read), out
 
     calls_small, first = run()
     history = [imp(f"h{i}", f"q{i % 50}", [f"i{j}" for j in range(10)], f"{i}-0")
                for i in range(100_000)]
     aggregate(history, examination=THETA)  # the history happened (and was applied)
     calls_large, again = run()
-    assert calls_small == calls_large == 5000
+    assert calls_small == calls_large == (10, 500)
     assert {k: (d.clicks, d.examinations) for k, d in first.items()} == \
         {k: (d.clicks, d.examinations) for k, d in again.items()}
+
+
+def test_the_inlined_aggregation_equals_the_sum_of_contributions():
+    """``aggregate`` inlines :func:`contributions` for speed; on every event shape the stream
+    carries (dict, ``[id, rank]`` tuple and bare-id shown lists, feedback with and without a
+    query key, skips, unknown and zero-weight actions, events without a key) and with decay,
+    its per-pair sums, newest event and parts are the generator's."""
+    import random
+
+    from orchestrator.memory import contributions
+    from orchestrator.training import decay_weight, event_time, stream_id_key
+
+    rng = random.Random(7)
+    weights = {"click": 1.0, "play": 1.5, "skip": -0.5, "hover": 0.0}
+    events = []
+    for n in range(400):
+        key = f"q{rng.randrange(6)}"
+        eid = f"{1000 + n}-{rng.randrange(3)}"
+        ts = 1_700_000_000 + n * 3600
+        items = [f"i{rng.randrange(15)}" for _ in range(rng.randrange(1, 8))]
+        shape = rng.randrange(5)
+        if shape == 0:
+            ev = imp(f"r{n}", key, items, eid)
+        elif shape == 1:
+            ev = {"type": "impression", "query_key": key, "event_id": eid,
+                  "shown": [(it, r) for r, it in enumerate(items, start=1)]}
+        elif shape == 2:
+            ev = {"type": "impression", "query": key.upper() + "!", "event_id": eid,
+                  "items": items}
+        elif shape == 3:
+            ev = fb(f"r{n}", key, items[0], rng.choice(list(weights) + ["bogus"]), eid)
+        else:
+            ev = {"type": "feedback", "query_key": "", "query": "", "item_id": "x",
+                  "action": "click", "event_id": eid}
+        events.append({**ev, "ts": ts})
+    now = 1_700_000_000 + 500 * 3600
+    for half_life in (None, 3.0):
+        got = aggregate(events, examination=THETA, action_weights=weights, skip_weight=0.7,
+                        now=now, half_life_days=half_life, keep_parts=True)
+        want: dict = {}
+        for ev in events:
+            w = decay_weight(now - event_time(ev), half_life_days=half_life)
+            for qk, it, dc, de in contributions(ev, examination=THETA, action_weights=weights,
+                                                skip_weight=0.7):
+                c, e, last, parts = want.get((qk, it), (0.0, 0.0, None, []))
+                if last is None or stream_id_key(ev["event_id"]) > stream_id_key(last):
+                    last = ev["event_id"]
+                want[(qk, it)] = (c + dc * w, e + de * w, last,
+                                  parts + [(stream_id_key(ev["event_id"]), dc * w, de * w)])
+        assert set(got) == set(want) and len(got) > 30
+        for pair, (c, e, last, parts) in want.items():
+            d = got[pair]
+            assert (d.clicks, d.examinations) == pytest.approx((c, e))
+            assert d.last_event == last
+            assert [k for k, _c, _e in d.parts] == [k for k, _c, _e in parts]
+            assert [v for _k, *vs in d.parts for v in vs] == \
+                pytest.approx([v for _k, *vs in parts for v in vs])
 
 
 def test_pair_id_is_stable_and_distinct():
