@@ -106,6 +106,22 @@ def _xadd_all(redis: Any, stream: str, events: Iterable[Mapping[str, Any]], *,
 
 # -- throughput -----------------------------------------------------------------------------
 
+def _read_only(redis: Any, stream: str, *, start: str, batch_size: int) -> float:
+    """Seconds to read the stream from ``start`` to its end in ``batch_size`` XRANGE pages,
+    parsing the entries and nothing more (the updater's read cost, without its work)."""
+    t = time.perf_counter()
+    low = start
+    while True:
+        page = redis.xrange(stream, min=low, count=batch_size)
+        if not page:
+            break
+        last = page[-1][0]
+        low = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+        if len(page) < batch_size:
+            break
+    return time.perf_counter() - t
+
+
 def _throughput(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], catalog_alias: str,
                 memory_alias: str, prefix: str, chunk: int, batch_size: int,
                 mappings_dir: Path, indexed_events: int | None, log: Any) -> dict[str, Any]:
@@ -126,13 +142,14 @@ def _throughput(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], cat
     es.indices.create(index=f"{events_alias}-v1", settings=body["settings"],
                       mappings=body["mappings"], aliases={events_alias: {}})
     limit = len(events) if indexed_events is None else min(indexed_events, len(events))
-    upd_s = 0.0
+    upd_s = read_s = 0.0
     totals: dict[str, float] = {}
     per_chunk = []
     indexed = 0
     for start in range(0, len(events), chunk):
         part = events[start:start + chunk]
         added = _xadd_all(redis, stream, part)
+        read_s += _read_only(redis, stream, start=added[0][0], batch_size=batch_size)
         t = time.perf_counter()
         res = up.run(batch_size=batch_size, max_batches=10**6)
         dt = time.perf_counter() - t
@@ -168,13 +185,46 @@ def _throughput(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], cat
         "update_memory": {"events": int(totals.get("events", 0)), "seconds": round(upd_s, 2),
                           "events_per_s": round(totals.get("events", 0) / upd_s, 1),
                           "pairs_per_s": round(totals.get("pairs", 0) / upd_s, 1),
-                          "batch_size": batch_size, "totals": totals, "per_chunk": per_chunk},
+                          "batch_size": batch_size, "totals": totals, "per_chunk": per_chunk,
+                          # The ceiling of any consumer of this stream in one Python process:
+                          # reading the same entries, same batch size, and nothing else.
+                          "stream_read_events_per_s": round(totals.get("events", 0) / read_s, 1)
+                          if read_s else None},
         "train_memory": {**rebuilt, "events_per_s": round(rebuilt["events"] / rebuild_s, 1)},
         "storage": {"memory_docs": stats["docs"]["count"],
                     "memory_bytes": stats["store"]["size_in_bytes"],
                     "pending_keys": len(pending_keys), "pending_redis_bytes": pending_bytes,
                     "pending_items": sum(int(redis.hlen(k)) for k in pending_keys)},
     }
+
+
+def _batch_sizes(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], catalog_alias: str,
+                 memory_alias: str, prefix: str, sizes: Sequence[int], repeats: int = 2,
+                 log: Any) -> dict[str, Any]:
+    """The updater's events/s at each batch size, side by side on the same events: each run
+    starts from an empty memory alias and stream of its own, runs alternate between the sizes
+    (``repeats`` rounds), so the machine's drift falls on every size alike."""
+    runs: dict[int, list[float]] = {b: [] for b in sizes}
+    for rep in range(repeats):
+        for b in sizes:
+            tag = f"b{b}-{rep}"
+            pfx, alias = f"{prefix}{tag}:", f"{memory_alias}-{tag}"
+            up = MemoryUpdater(redis, es, prefix=pfx, memory_alias=alias,
+                               catalog_alias=catalog_alias)
+            up.ensure()
+            try:
+                _xadd_all(redis, f"{pfx}events", events)
+                t = time.perf_counter()
+                res = up.run(batch_size=b, max_batches=10**6)
+                runs[b].append(res.events / (time.perf_counter() - t))
+            finally:
+                es.indices.delete(index=f"{alias}*", ignore_unavailable=True,
+                                  allow_no_indices=True)
+                for key in redis.scan_iter(match=f"{pfx}*", count=1000):
+                    redis.delete(key)
+            log(f"  update_memory batch {b}: {runs[b][-1]:.0f} events/s")
+    return {"events": len(events), "repeats": repeats,
+            "events_per_s": {str(b): [round(v, 1) for v in vs] for b, vs in runs.items()}}
 
 
 # -- freshness -------------------------------------------------------------------------------
@@ -328,8 +378,11 @@ def measure(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], catalog
             every_s: float | None = None, chunk: int = 100_000, batch_size: int | None = None,
             indexed_events: int | None = 200_000, seed: int = 0, timeout_s: float = 30.0,
             settings: OrchestratorSettings | None = None, cleanup: bool = True,
+            compare_batch_sizes: Sequence[int] = (), compare_events: int = 60_000,
             log: Any = print) -> dict[str, Any]:
-    """Freshness over ``feedbacks`` real feedbacks and throughput over ``events``.
+    """Freshness over ``feedbacks`` real feedbacks and throughput over ``events``; with
+    ``compare_batch_sizes``, also the updater side by side at those batch sizes and the
+    configured one, on the first ``compare_events`` events.
 
     ``memory_alias`` must be a benchmark alias (never the production one: the run writes
     learned pairs into it); ``prefix`` a fresh Redis prefix. Returns
@@ -351,6 +404,11 @@ def measure(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], catalog
                           memory_alias=memory_alias, prefix=f"{prefix}thr:", chunk=chunk,
                           batch_size=batch_size, mappings_dir=settings.ingest.mappings_dir,
                           indexed_events=indexed_events, log=log)
+        if compare_batch_sizes:
+            sizes = sorted({*compare_batch_sizes, batch_size})
+            thr["batch_sizes"] = _batch_sizes(
+                es, redis, events=events[:compare_events], catalog_alias=catalog_alias,
+                memory_alias=memory_alias, prefix=f"{prefix}cmp:", sizes=sizes, log=log)
     finally:
         if cleanup:
             es.indices.delete(index=f"{memory_alias}*", ignore_unavailable=True,
