@@ -863,7 +863,7 @@ def _field(fields: Mapping[Any, Any], name: str) -> str | None:
 def _decode_entry(entry_id: Any, fields: Mapping[Any, Any]) -> dict[str, Any]:
     """A stream entry as an event dict. Impressions are read from their compact record
     (``mem``: query key, time, ``[id, rank]`` pairs, kept as tuples); the full ``data`` (about
-    12 KB for 10 shown items) is decoded only when that record is missing or broken."""
+    10 KB for 10 shown items) is decoded only when that record is missing or broken."""
     eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     typ = _field(fields, "type")
     if typ == "impression":

@@ -189,9 +189,9 @@ class MemorySettings(BaseModel):
     half_life_days: float = Field(30.0, gt=0)
     #: Stream entries per updater batch (task ``update_memory``, ``ltrr memory run``). A batch
     #: costs one ``mget`` and one bulk of the distinct pairs it touches, so bigger batches
-    #: coalesce repeated pairs: ``benchmarks/learning_memory.py`` measured 4.5k events/s at
-    #: 1,000 and 8.8k at 10,000 on the real-template log. A batch is held in memory while it is
-    #: decoded (an impression entry carries its full event, ~12 KB for 10 shown items).
+    #: coalesce repeated pairs: ``benchmarks/learning.py`` measured 2.8k events/s at 1,000 and
+    #: 5.4k at 10,000 side by side on 60k real-template events. A batch is held in memory while
+    #: it is decoded (an impression entry carries its full event, about 10 KB for 10 shown items).
     batch_size: int = Field(10_000, ge=1, le=100_000)
     #: ``s`` in score = (clicks + s * prior) / (examinations + s).
     prior_strength: float = Field(2.0, gt=0)
