@@ -78,6 +78,17 @@ def redis_pid() -> int:
     return int(Path(STATE, "redis", "redis.pid").read_text().strip())
 
 
+def resume_leftovers() -> None:
+    """SIGCONT this pair's processes, if any are up: a run killed while it had one stopped
+    (the hung scenarios) leaves it stopped, and ``services up`` / ``down`` then wait on it
+    until they time out (what a killed smoke run did to the next one)."""
+    for pid_of in (es_pid, redis_pid):
+        try:
+            os.kill(pid_of(), signal.SIGCONT)
+        except (OSError, ValueError):
+            pass  # no pid file, or no such process: nothing is stopped
+
+
 def timed(fn) -> tuple[float, str]:
     t0 = time.perf_counter()
     try:
@@ -150,14 +161,19 @@ def main() -> int:
     if args.out is None:
         args.out = (Path(tempfile.mkdtemp(prefix="ltrr-smoke-faults-")) / "faults.json" if args.smoke
                     else PROJECT_ROOT / "benchmarks" / "results" / "faults.json")
+    # Terminated (the smoke test's teardown): unwind, so the finally blocks resume a stopped
+    # process and stop the smoke pair.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return run(args, n_calls)
     finally:
+        resume_leftovers()
         if args.smoke:
             services("down")
 
 
 def run(args: argparse.Namespace, n_calls: int) -> int:
+    resume_leftovers()
     services("up")
     if args.smoke:
         index_smoke_catalog()

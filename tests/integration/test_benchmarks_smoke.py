@@ -58,9 +58,13 @@ def faults_run():
     proc = subprocess.Popen([sys.executable, str(BENCH / "faults.py"), "--smoke"], cwd=ROOT,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    if proc.poll() is None:  # its test was not selected or failed: stop it cleanly (SIGTERM
+        proc.terminate()     # unwinds it: a stopped service is resumed, the pair stopped)
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 @pytest.fixture(scope="module")
