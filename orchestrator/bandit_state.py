@@ -50,6 +50,7 @@ import numpy as np
 import redis
 
 from .errors import ServiceUnavailableError, StateVersionError
+from .redis_client import Breaker, guarded_read
 
 logger = logging.getLogger(__name__)
 
@@ -346,12 +347,18 @@ class RedisBanditStore:
         Approximate cap of the ``events`` stream.
     url:
         Shown in :class:`ServiceUnavailableError` messages.
+    breaker:
+        The serving process's Redis breaker (the durable writer's): while it is open the
+        reads of the statistics fail at once (the selectors then serve cached posteriors)
+        instead of each waiting for the socket time-out of a hung Redis
+        (:func:`orchestrator.redis_client.guarded_read`). None: plain reads.
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str, dim: int,
                  stream_maxlen: int = 200_000, url: str = "redis",
                  featurizer_version: str | None = None,
-                 qu_version: str | Callable[[], str | None] | None = None) -> None:
+                 qu_version: str | Callable[[], str | None] | None = None,
+                 breaker: Breaker | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.dim = dim
@@ -359,6 +366,7 @@ class RedisBanditStore:
         self.url = url
         self.featurizer_version = featurizer_version
         self.qu_version = qu_version
+        self.breaker = breaker
         self._script = client.register_script(_APPLY_LUA)
         self._checked = False
         #: ``current`` | ``stale`` (same dim, other versions: the old statistics serve) |
@@ -391,7 +399,8 @@ class RedisBanditStore:
         (``None`` when absent; a state created before versioning reads as featurizer
         ``"1"``)."""
         try:
-            raw = self.client.hmget(self.meta_key, ["dim", "featurizer_version", "qu_version"])
+            raw = guarded_read(self.breaker, lambda: self.client.hmget(
+                self.meta_key, ["dim", "featurizer_version", "qu_version"]))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc) from exc
         return _meta_versions(raw)
@@ -511,18 +520,21 @@ class RedisBanditStore:
     # -- reads -----------------------------------------------------------------------------
     def version(self) -> int:
         try:
-            v = self.client.hget(self.meta_key, "version")
+            v = guarded_read(self.breaker, lambda: self.client.hget(self.meta_key, "version"))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc) from exc
         return int(v or 0)
 
     def _hgetall_many(self, keys: Sequence[str]) -> list[dict[Any, Any]]:
         """``HGETALL`` of each key in one round trip (no transaction needed: reads only)."""
-        try:
+        def read() -> list[dict[Any, Any]]:
             pipe = self.client.pipeline(transaction=False)
             for k in keys:
                 pipe.hgetall(k)
             return list(pipe.execute())
+
+        try:
+            return guarded_read(self.breaker, read)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc) from exc
 

@@ -75,6 +75,7 @@ import redis as redis_lib
 from elasticsearch import Elasticsearch, NotFoundError, helpers
 
 from .examination import ExaminationModel
+from .redis_client import Breaker, guarded_read
 from .text import normalize_query
 from .training import decay_weight, event_time, stream_id_key
 
@@ -407,14 +408,17 @@ class MemoryKeys:
     """``<prefix>memory:keys``: query_key -> number of pairs with positive evidence learned
     for it (the context featurizer's "does the memory know this query" feature)."""
 
-    def __init__(self, client: redis_lib.Redis, *, prefix: str) -> None:
+    def __init__(self, client: redis_lib.Redis, *, prefix: str,
+                 breaker: Breaker | None = None) -> None:
         self.client = client
         self.key = f"{prefix}memory:keys"
+        self.breaker = breaker  # the serving process's Redis breaker (see guarded_read)
 
     def known_pairs(self, query_key: str) -> int | None:
-        """Learned pairs of ``query_key`` (0 when none); None when Redis is unreachable."""
+        """Learned pairs of ``query_key`` (0 when none); None when Redis is unreachable, hung,
+        or failed a moment ago (the breaker is open: no wait)."""
         try:
-            v = self.client.hget(self.key, query_key)
+            v = guarded_read(self.breaker, lambda: self.client.hget(self.key, query_key))
         except (redis_lib.ConnectionError, redis_lib.TimeoutError):
             return None
         return int(float(v)) if v is not None else 0

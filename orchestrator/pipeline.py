@@ -477,11 +477,16 @@ class Orchestrator:
                                                 failure_threshold=res["es_failure_threshold"],
                                                 reset_timeout_s=res["es_reset_timeout_s"]))
         featurizer = ContextFeaturizer(hash_dim=b["hash_dim"], bucket_keys=b["bucket_keys"])
+        # One Redis breaker per process: the durable writer's, which the request path's reads
+        # (statistics, memory keys) also consult, so a hung Redis costs a search one time-out.
+        redis_breaker = CircuitBreaker("Redis", failure_threshold=1,
+                                       reset_timeout_s=res["redis_retry_s"])
         # The QU model is hot-reloaded: the store asks for its version when it compares.
         store = RedisBanditStore(redis, prefix=settings.redis.key_prefix, dim=featurizer.dim,
                                  stream_maxlen=f["stream_maxlen"], url=settings.redis.url,
                                  featurizer_version=featurizer.version,
-                                 qu_version=lambda: getattr(understander, "version", None))
+                                 qu_version=lambda: getattr(understander, "version", None),
+                                 breaker=redis_breaker)
         learner = None
         if selector is None:
             common = {k: b[k] for k in ("min_arms", "max_arms", "threshold", "min_budget",
@@ -526,7 +531,7 @@ class Orchestrator:
         writer = DurableRedisWriter(
             Spool(Path(spool_dir), key=spool_key(settings.redis.url, settings.redis.key_prefix)),
             redis_appliers(store, log),
-            breaker=CircuitBreaker("Redis", failure_threshold=1, reset_timeout_s=res["redis_retry_s"]),
+            breaker=redis_breaker,
             replay_interval_s=res["redis_retry_s"])
         return cls(
             es=es, redis=redis, registry=registry, multisearch=ms, featurizer=featurizer,
@@ -547,7 +552,7 @@ class Orchestrator:
             fallback=(FallbackCache(res["fallback_cache_size"], max_age_s=res["fallback_max_age_s"])
                       if res["fallback_cache_size"] > 0 else None),
             request_id_factory=request_id_factory,
-            memory_keys=MemoryKeys(redis, prefix=settings.redis.key_prefix),
+            memory_keys=MemoryKeys(redis, prefix=settings.redis.key_prefix, breaker=redis_breaker),
             swap_rate=ex.swap_rate if ex is not None else 0.0,
             swap_max_position=ex.max_position if ex is not None else 20,
             examination_refresh_s=ex.refresh_interval_s if ex is not None else None,

@@ -421,6 +421,8 @@ class LinearThompsonSelector(_ThompsonBase):
                 self.refresh(arms)
             else:
                 self._loaded_at = time.monotonic()
+        except ServiceUnavailableError as exc:  # Redis down or hung: expected, one line
+            logger.warning("bandit posterior refresh failed, keeping the cached ones: %s", exc)
         except Exception:  # a failed refresh keeps the old posteriors; the next one retries
             logger.warning("bandit posterior refresh failed", exc_info=True)
         finally:

@@ -321,6 +321,72 @@ def test_redis_down_searches_serve_and_feedback_is_spooled_then_replayed(
     assert orch.store.impressions() == imps
 
 
+class SocketTimeouts:
+    """Counts the Redis replies that never came (socket time-outs), whatever command or
+    pipeline waited for them: the cost a hung Redis puts on a call, counted, not timed."""
+
+    def __init__(self, monkeypatch) -> None:
+        import redis.connection
+
+        self.n = 0
+        real = redis.connection.AbstractConnection.read_response
+
+        def read_response(conn, *args, **kwargs):
+            try:
+                return real(conn, *args, **kwargs)
+            except redis.TimeoutError:
+                self.n += 1
+                raise
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", read_response)
+
+    def during(self, fn):
+        before = self.n
+        out = fn()
+        return out, self.n - before
+
+
+def test_hung_redis_costs_a_search_one_time_out_then_none(
+        private_redis, private_prefix, es, catalog_slice, settings, tmp_path, monkeypatch):
+    """Redis frozen (SIGSTOP: connections accepted, never answered). Each search reads the
+    statistics, the budget statistics and the memory keys from Redis and writes its
+    impression; without the shared breaker each read waited its own socket time-out."""
+    import signal
+
+    from orchestrator.redis_client import build_redis
+
+    hung_client = build_redis(RedisSettings(url=REDIS_URL, socket_timeout_s=0.5))
+    # A long retry interval: nothing probes Redis behind the test's back until it replays.
+    orch = build(settings, es=es, redis_client=hung_client, es_url=settings.es.url,
+                 redis_url=REDIS_URL, alias=catalog_slice, prefix=private_prefix,
+                 spool_dir=tmp_path / "spool", registry=lexical_registry(), redis_retry_s=600)
+    warm = orch.search("take five", size=5)
+    assert warm.results and orch.writer.breaker.state == "closed"
+    timeouts = SocketTimeouts(monkeypatch)
+    pid = int(Path(PRIVATE_ENV["LTRR_STATE"], "redis", "redis.pid").read_text().strip())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        first, n_first = timeouts.during(lambda: orch.search("so what", size=5))
+        rest = [timeouts.during(lambda q=q: orch.search(q, size=5))
+                for q in ("summertime", "autumn leaves")]
+        fb, n_fb = timeouts.during(lambda: orch.feedback(first.request_id, first.results[0].id, "play"))
+        assert n_first == 1, f"the first search waited on {n_first} Redis replies"
+        assert [n for _, n in rest] == [0, 0]
+        assert n_fb == 0 and not fb.duplicate
+        assert first.results and all(r.results for r, _ in rest)
+        assert orch.writer.breaker.state != "closed"
+        assert orch.resilience_status()["spool"]["spooled"] == 3 + 1  # impressions + feedback
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: private_redis.ping())
+    assert orch.replay_spool() == 4 and orch.writer.breaker.state == "closed"
+    after, n_after = timeouts.during(lambda: orch.search("blue in green", size=5))
+    assert n_after == 0 and after.results
+    stored = {(e["request_id"], e["action"]) for e in stored_feedback(private_redis, private_prefix)}
+    assert stored == {(first.request_id, "play")}
+    orch.close()
+
+
 @pytest.mark.parametrize("adopter", ["next_orchestrator", "replay_command"])
 def test_spool_left_by_a_dead_process_is_adopted(private_redis, private_prefix, es,
                                                   catalog_slice, settings, tmp_path, adopter):

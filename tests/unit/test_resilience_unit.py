@@ -244,3 +244,72 @@ def test_partial_failures_are_arm_failures():
     shard = {**ok, "_shards": {"total": 2, "successful": 1, "failed": 1, "failures": [
         {"status": 503, "reason": {"type": "node_disconnected", "reason": "gone"}}]}}
     assert _partial_failure(shard) == (503, "1/2 shard(s) failed: node_disconnected: gone")
+
+
+def test_guarded_read_fails_fast_while_the_breaker_is_open():
+    import redis
+
+    from orchestrator.redis_client import guarded_read
+
+    clock = Clock()
+    breaker = CircuitBreaker("Redis", failure_threshold=1, reset_timeout_s=1.0, clock=clock)
+    calls: list[str] = []
+
+    def hung() -> str:
+        calls.append("hung")
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    def ok() -> str:
+        calls.append("ok")
+        return "v"
+
+    assert guarded_read(None, ok) == "v"  # no breaker (offline jobs): a plain call
+    assert guarded_read(breaker, ok) == "v" and breaker.state == "closed"
+    with pytest.raises(redis.TimeoutError):
+        guarded_read(breaker, hung)  # the one read that pays the time-out opens it
+    assert breaker.state == "open"
+    calls.clear()
+    for _ in range(3):  # the next reads do not touch Redis
+        with pytest.raises(redis.ConnectionError, match="circuit open"):
+            guarded_read(breaker, ok)
+    clock.t += 5.0
+    assert breaker.state == "half_open"
+    with pytest.raises(redis.ConnectionError):  # reads never probe: the writer does
+        guarded_read(breaker, ok)
+    assert calls == []
+    breaker.record_success()  # the writer's write or replay found Redis back
+    assert guarded_read(breaker, ok) == "v" and calls == ["ok"]
+
+
+def test_store_and_memory_keys_reads_consult_the_breaker():
+    import redis
+
+    from orchestrator.bandit_state import RedisBanditStore
+    from orchestrator.memory import MemoryKeys
+
+    class HungRedis:
+        """Every command times out, as a SIGSTOPped Redis does."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def register_script(self, _src):
+            return lambda **_: None
+
+        def __getattr__(self, name):
+            def call(*_a, **_k):
+                self.calls += 1
+                raise redis.TimeoutError("Timeout reading from socket")
+            return call
+
+    client = HungRedis()
+    breaker = CircuitBreaker("Redis", failure_threshold=1, reset_timeout_s=60.0, clock=Clock())
+    store = RedisBanditStore(client, prefix="t:", dim=4, breaker=breaker)  # type: ignore[arg-type]
+    keys = MemoryKeys(client, prefix="t:", breaker=breaker)  # type: ignore[arg-type]
+    assert keys.known_pairs("so what") is None and client.calls == 1
+    with pytest.raises(ServiceUnavailableError):
+        store.version()
+    with pytest.raises(ServiceUnavailableError):
+        store.state_versions()
+    assert keys.known_pairs("summertime") is None
+    assert client.calls == 1  # one time-out in all
