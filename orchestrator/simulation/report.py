@@ -446,9 +446,12 @@ def targets_section(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     hb = ((report.get("bounds") or {}).get("bands") or {}).get("head") or {}
     note = None if head.get("n") else "no head-band rows in the last third"
     if note is None and hb.get("n"):
+        chained = "".join(
+            f", from query chains at a {float(c.split('_', 1)[1]):.0%} reformulation rate "
+            f"{hb[c]['success']:.3f}" for c in hb if c.startswith("chained_") and hb[c]["success"] is not None)
         note = (f"one list per key of all earlier users' wants reaches "
                 f"{hb['learned']['success']:.3f} here, chosen in hindsight "
-                f"{hb['hindsight']['success']:.3f} (see bounds)")
+                f"{hb['hindsight']['success']:.3f}{chained} (see bounds)")
     out.append(_target("ours head-band success@10 >= 0.9", val(head, "success"), HEAD_SUCCESS_TARGET,
                        note=note, kind="head_band", metric="success", n=head.get("n", 0),
                        bound=(hb.get("learned") or {}).get("success")))
@@ -770,12 +773,18 @@ def bounds_table(report: Mapping[str, Any]) -> str:
     def f(x: Any) -> str:
         return "–" if x is None else f"{x:.3f}"
 
+    chains = [f"chained_{p:g}" for p in b.get("chain_rates") or ()]
     lines = [f"What one fixed list per query key could reach (success@{b.get('k', 10)}, rounds >= "
              f"{b.get('score_from')}): `learned` = the greedy list of every earlier user's wants "
              f"for the key (the memory's target; none for keys first seen in the last third), "
              f"`hindsight` = the same greedy list chosen on the scored rounds (ours cannot tell "
-             f"users apart, so one list per key is all it can show)",
-             "", "| group | n | ours | learned | hindsight |", "|---|---|---|---|---|"]
+             f"users apart, so one list per key is all it can show)"
+             + (", `chained_p` = the items that query chains would reveal if every earlier "
+                "search of the key were abandoned and a share p of them reformulated into a "
+                "lookup of one wanted item (credited to the abandoned query; "
+                "`simulation/bounds.py`)" if chains else ""),
+             "", "| group | n | ours | learned | hindsight |" + "".join(f" {c} |" for c in chains),
+             "|---|---|---|---|---|" + "---|" * len(chains)]
     groups = [("all", b.get("overall") or {})]
     groups += [(t, v) for t, v in (b.get("by_type") or {}).items()]
     groups += [(n, v) for n, v in (b.get("bands") or {}).items()]
@@ -783,7 +792,8 @@ def bounds_table(report: Mapping[str, Any]) -> str:
         if not v.get("n"):
             continue
         lines.append(f"| {name} | {v['n']} | {f(ours_of(name))} | {f(v['learned']['success'])} | "
-                     f"{f(v['hindsight']['success'])} |")
+                     f"{f(v['hindsight']['success'])} |"
+                     + "".join(f" {f((v.get(c) or {}).get('success'))} |" for c in chains))
     return "\n".join(lines)
 
 

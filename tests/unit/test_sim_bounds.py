@@ -85,3 +85,33 @@ def test_bounds_reach_the_report_table_and_the_head_band_target():
     report.pop("bounds")
     assert bounds_table(report) == ""
     assert next(e for e in targets_section(report) if e["kind"] == "head_band").get("bound") is None
+
+
+def test_chained_bound_reveals_one_want_per_reformulating_round():
+    from orchestrator.simulation.bounds import revealed_by_chains
+
+    # every early user of "hot" wants a and b; the late ones want b only
+    qs = [SimQuery(qid="hot", text="hot", qtype="playlist", relevant={"a": 1, "b": 1}, key="hot",
+                   user=f"u{t}") for t in range(40)]
+    qs += [SimQuery(qid="hot", text="hot", qtype="playlist", relevant={"b": 1}, key="hot",
+                    user=f"v{t}") for t in range(10)]
+    early = list(range(40))
+    assert revealed_by_chains(qs, early, 0.0) == []
+    every = revealed_by_chains(qs, early, 1.0)
+    assert len(every) == 40 and all(len(r) == 1 and set(r) <= {"a", "b"} for r in every)
+    assert {i for r in every for i in r} == {"a", "b"}  # uniform over the user's wants
+    assert revealed_by_chains(qs, early, 1.0) == every  # seeded: the same run, the same chains
+    some = revealed_by_chains(qs, early, 0.3)
+    assert 3 <= len(some) <= 25
+    b = list_bounds(qs, score_from=40, k=1, bands={"hot": "head"}, chain_rates=(0.0, 1.0))
+    head = b["bands"]["head"]
+    assert b["chain_rates"] == [0.0, 1.0]
+    assert head["chained_0"]["success"] == 0.0  # nobody reformulates: nothing to learn
+    # k=1: the most revealed item; b wins only if chains revealed it more often than a
+    n_b = sum("b" in r for r in every)
+    assert head["chained_1"]["success"] == (1.0 if n_b > 40 - n_b else 0.0)  # tie: "a" first
+    # the early wants tie, so the learned list is [a] (the smaller id); hindsight is [b]
+    assert head["learned"]["success"] == 0.0 and head["hindsight"]["success"] == 1.0
+    # k=2 holds both: every scored user is satisfied
+    assert list_bounds(qs, score_from=40, k=2, bands={"hot": "head"},
+                       chain_rates=(1.0,))["bands"]["head"]["chained_1"]["success"] == 1.0
