@@ -10,7 +10,9 @@ genre / mood browsing, free text) it measures, client side:
   the same parameters; the slowest of them;
 * ``overhead``: the orchestrator's own work = QU + selection + request build + merge +
   rescore (from the per-stage timers); ``log`` (Redis impression write) and ``encode``
-  (query embedding) are reported separately;
+  (query embedding) are reported separately; every other query carries a ``session_id``, so
+  ``log_session`` (impression write + the query-chain record, :mod:`orchestrator.chains`)
+  is measured side by side with ``log``;
 * micro-benchmarks of ``selection`` alone and ``rescore`` of 60 candidates.
 
 Usage::
@@ -103,12 +105,14 @@ def main() -> int:
 
     rows: dict[str, list[float]] = {k: [] for k in ("orchestrator", "bm25", "slowest_arm", "overhead",
                                                     "qu", "select", "build", "merge", "rescore",
-                                                    "encode", "log", "msearch")}
+                                                    "encode", "log", "log_session", "msearch")}
     n_arms: list[int] = []
     try:
         for i, q in enumerate(queries):
+            session = i % 2 == 1  # every other search records its query chain
             t = time.perf_counter()
-            resp = orch.search(q, context=ctx, size=args.size)
+            resp = orch.search(q, context={**ctx, "session_id": f"s{i % 40}"} if session else ctx,
+                               size=args.size)
             total = (time.perf_counter() - t) * 1000
 
             t = time.perf_counter()
@@ -135,8 +139,9 @@ def main() -> int:
             rows["orchestrator"].append(total)
             rows["bm25"].append(bm25)
             rows["slowest_arm"].append(max(single) if single else 0.0)
-            for k in ("overhead", "qu", "select", "build", "merge", "rescore", "encode", "log"):
+            for k in ("overhead", "qu", "select", "build", "merge", "rescore", "encode"):
                 rows[k].append(tm[k])
+            rows["log_session" if session else "log"].append(tm["log"])
             rows["msearch"].append(tm["es"])
             n_arms.append(len(resp.decision.choices))
 
@@ -183,6 +188,7 @@ def main() -> int:
         "overhead": "orchestrator overhead", "qu": "  QU", "select": "  selection",
         "build": "  request build", "merge": "  merge", "rescore": "  rescore",
         "encode": "query embedding (semantic arm)", "log": "impression write (Redis)",
+        "log_session": "  + query-chain record (session)",
     }
     for k, label in labels.items():
         p = result["latency_ms"][k]

@@ -103,6 +103,8 @@ class ContextBody(BaseModel):
     locale: Text | None = Field(None, max_length=16)
     user_segment: Text | None = Field(None, max_length=64)
     user_id: Text | None = Field(None, max_length=128)
+    session_id: Text | None = Field(None, max_length=128,
+                                    description="Searches of one session form query chains")
 
 
 class SearchBody(BaseModel):

@@ -567,6 +567,7 @@ def simulate(
         help="Comma list (default: all but all_arms and ours_no_retrain): single, all_arms, "
              "hybrid_rrf, random, epsilon_greedy, ours, ours_no_memory, ours_equal_budgets, "
              "ours_no_rescorer, ours_no_retrain, ours_no_neighbours, ours_no_intent_split, "
+             "ours_no_chains, "
              "arm:<template id>.")] = None,
     oracle: Annotated[bool, typer.Option(help="Calibrate and run the oracle (regret).")] = True,
     calibration: Annotated[int, typer.Option(help="Oracle calibration queries per query type.")] = 40,
@@ -611,6 +612,9 @@ def simulate(
         help="Final no-feedback pass over at most N unseen playlist titles.")] = 200,
     train_qu: Annotated[bool, typer.Option(
         help="Also run the QU job on a per-policy copy of qu.model_dir (not served).")] = False,
+    reformulate: Annotated[float, typer.Option(
+        help="Probability that a user whom a playlist or tag search showed nothing wanted "
+             "looks one wanted track up by name in the same session (0: never).")] = 0.3,
 ) -> None:
     """Replay a stream of real-data queries (playlists, known items with typos, Last.fm tags)
     with simulated users (click models) against one live orchestrator per policy; write the
@@ -648,6 +652,7 @@ def simulate(
         static_from_fraction=static_from_fraction, new_items_fraction=new_items_fraction,
         release_at_fraction=release_at_fraction, uniform_share=uniform_share,
         workers=max(workers, 1), unseen_eval_max=max(unseen_eval_max, 0), train_qu=train_qu,
+        p_reformulate=min(max(reformulate, 0.0), 1.0),
     )
     sim = Simulation(cfg, s, es=client, redis=r, alias=alias)
     typer.echo(f"run {sim.run_id}: {rounds} rounds, arms {sim.arms}, sources {sim.sources.sizes()}")

@@ -102,6 +102,10 @@ class RequestContext:
     locale: str | None = None
     user_segment: str | None = None
     user_id: str | None = None
+    #: The application's session (e.g. a browser session id): searches of one session form
+    #: the query chains the memory learns from (:mod:`orchestrator.chains`); without it the
+    #: ``user_id`` stands for the session. Neither is a selection feature.
+    session_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) is not None}  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ import redis
 
 from .bandit_state import STATS_LUA, RedisBanditStore, StatUpdate
 from .errors import ServiceUnavailableError, UnknownRequestError
+from .redis_client import Breaker, guarded_read
 
 logger = logging.getLogger(__name__)
 
@@ -154,15 +155,30 @@ class FeedbackLog:
     def counted(self, request_id: str) -> list[tuple[str, str]]:
         """(item_id, action) pairs already counted for a request."""
         try:
-            members = self.client.smembers(self.dedupe_key(request_id))
+            return self.counted_many([request_id])[request_id]
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable() from exc
-        out = []
-        for m in members:
-            m = m.decode() if isinstance(m, bytes) else m
-            item, _, action = m.rpartition(_SEP)
-            out.append((item, action))
-        return sorted(out)
+
+    def counted_many(self, request_ids: Sequence[str], *,
+                     breaker: Breaker | None = None) -> dict[str, list[tuple[str, str]]]:
+        """:meth:`counted` of several requests in one round trip. Raises the Redis error
+        (``redis.ConnectionError`` at once while ``breaker`` is open, see
+        :func:`orchestrator.redis_client.guarded_read`)."""
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for rid in request_ids:
+                pipe.smembers(self.dedupe_key(rid))
+            return list(pipe.execute())
+
+        out: dict[str, list[tuple[str, str]]] = {}
+        for rid, members in zip(request_ids, guarded_read(breaker, read)):
+            pairs = []
+            for m in members:
+                m = m.decode() if isinstance(m, bytes) else m
+                item, _, action = m.rpartition(_SEP)
+                pairs.append((item, action))
+            out[rid] = sorted(pairs)
+        return out
 
     def read_events(self, *, count: int = 10_000, start: str = "-") -> list[dict[str, Any]]:
         """Events from the stream, oldest first, decoded (``{"type": ..., **data}``)."""

@@ -43,6 +43,12 @@ the exposures waiting for them in the pending hash and in the batch, so the memo
 show what no static arm retrieves for that query and the users' skips or silence switch
 wrong guesses off. They never count in ``memory:keys`` (no positive evidence).
 
+Query chains (``chain_weight > 0``; :mod:`orchestrator.chains`): a positive action whose
+feedback event lists abandoned earlier searches of the session (``chain``) also adds
+``chain_weight`` of its clicks, and as many examinations, to each listed query's pair with
+the item: a user who found nothing for a playlist title and then looked a song up by name
+teaches the title that song. Later exposures under the title without clicks lower it again.
+
 Exactly once in effect: a batch's Redis side (pending exposures, ``memory:keys``, XACK) is one
 Lua script, run after the Elasticsearch writes; each pair document records the newest stream
 id applied to it (``last_event``), so a batch replayed after a crash between the two skips
@@ -191,12 +197,31 @@ def _normalized(query: str) -> str:
     return normalize_query(query)
 
 
+def chain_keys(event: Mapping[str, Any]) -> list[str]:
+    """The query keys a feedback event's query chain credits (``chain``, written by the
+    pipeline: :mod:`orchestrator.chains`), without the event's own key."""
+    chain = event.get("chain")
+    if not chain or not isinstance(chain, list):
+        return []
+    own = event_key(event)
+    out = []
+    for c in chain:
+        k = c.get("query_key") if isinstance(c, Mapping) else c
+        if isinstance(k, str) and k and k != own and k not in out:
+            out.append(k)
+    return out
+
+
 def contributions(event: Mapping[str, Any], *, examination: ExaminationModel,
                   action_weights: Mapping[str, float] = ACTION_WEIGHTS,
-                  skip_weight: float = 1.0) -> Iterator[tuple[str, str, float, float]]:
+                  skip_weight: float = 1.0,
+                  chain_weight: float = 0.0) -> Iterator[tuple[str, str, float, float]]:
     """``(query_key, item_id, clicks, examinations)`` of one event (stream shape): each shown
     item at position k examines theta_k, a positive action adds its weight to clicks, a
-    negative one (skip) adds ``skip_weight`` to examinations and nothing to clicks."""
+    negative one (skip) adds ``skip_weight`` to examinations and nothing to clicks. A
+    positive action also adds ``chain_weight`` times its weight to the clicks, and
+    ``chain_weight`` to the examinations, of each query its chain credits (the abandoned
+    searches before it in the session: as if they had shown the item and it was taken)."""
     key = event_key(event)
     if not key:
         return
@@ -209,6 +234,9 @@ def contributions(event: Mapping[str, Any], *, examination: ExaminationModel,
             return
         if w > 0:
             yield key, str(item_id), float(w), 0.0
+            if chain_weight > 0:
+                for k in chain_keys(event):
+                    yield k, str(item_id), chain_weight * float(w), float(chain_weight)
         elif w < 0:
             yield key, str(item_id), 0.0, float(skip_weight)
 
@@ -241,7 +269,8 @@ class PairDelta:
 def aggregate(events: Iterable[Mapping[str, Any]], *, examination: ExaminationModel | None = None,
               action_weights: Mapping[str, float] = ACTION_WEIGHTS, skip_weight: float = 1.0,
               now: float | None = None, half_life_days: float | None = None,
-              keep_parts: bool = False) -> dict[tuple[str, str], PairDelta]:
+              keep_parts: bool = False,
+              chain_weight: float = 0.0) -> dict[tuple[str, str], PairDelta]:
     """``(query_key, item_id) -> PairDelta`` over ``events`` (pure; linear in the events).
 
     With ``half_life_days`` each event weighs ``0.5 ** (age / half_life)`` relative to ``now``
@@ -284,22 +313,26 @@ def aggregate(events: Iterable[Mapping[str, Any]], *, examination: ExaminationMo
         ts = event_time(ev)
         w = decay_weight(t_now - ts, half_life_days=half_life_days) if half_life_days else 1.0
         eid_s = str(eid) if eid else None
+        rows_cd: list[tuple[str, str, float, float]]
         if typ == "feedback":
             if aw > 0:
-                rows_cd: Iterable[tuple[str, float, float]] = ((str(item_id), float(aw), 0.0),)
+                rows_cd = [(qk, str(item_id), float(aw), 0.0)]
+                if chain_weight > 0 and ev.get("chain"):
+                    rows_cd += [(ck, str(item_id), chain_weight * float(aw), float(chain_weight))
+                                for ck in chain_keys(ev)]
             else:
-                rows_cd = ((str(item_id), 0.0, float(skip_weight)),)
+                rows_cd = [(qk, str(item_id), 0.0, float(skip_weight))]
         else:
             rows_cd = []
             for item, rank in rows:
                 p = theta.get(rank)
                 if p is None:
                     p = theta[rank] = examination.propensity(rank)
-                rows_cd.append((item, 0.0, p))
-        for item, dc, de in rows_cd:
-            d = get((qk, item))
+                rows_cd.append((qk, item, 0.0, p))
+        for pk, item, dc, de in rows_cd:
+            d = get((pk, item))
             if d is None:
-                d = out[(qk, item)] = PairDelta()
+                d = out[(pk, item)] = PairDelta()
             dc *= w
             de *= w
             d.clicks += dc
@@ -517,6 +550,9 @@ class MemoryUpdater:
     prior_strength, default_prior, min_score, skip_weight:
         ``settings.memory``: the formula's ``s``, the prior of pairs never predicted, the
         threshold below which a pair does not match, a skip's examination weight.
+    chain_weight:
+        The share of a click a query chain gives each abandoned earlier query of the session
+        (``memory.chain_weight``; 0: chains ignored). See :mod:`orchestrator.chains`.
     exposure_ttl_s, max_pending_items:
         Bounds of the pending exposures of pairs not in the index (per query key).
     neighbours_per_click, neighbours_by, neighbour_prior, neighbour_decay, neighbours_min_pairs:
@@ -530,6 +566,7 @@ class MemoryUpdater:
                  memory_alias: str, catalog_alias: str,
                  examination: ExaminationModel | None = None, prior_strength: float = 2.0,
                  default_prior: float = 0.0, min_score: float = 0.05, skip_weight: float = 1.0,
+                 chain_weight: float = 0.0,
                  action_weights: Mapping[str, float] = ACTION_WEIGHTS,
                  exposure_ttl_s: int = 7 * 24 * 3600, max_pending_items: int = 500,
                  neighbours_per_click: int = 0, neighbours_by: str = "artist",
@@ -547,6 +584,7 @@ class MemoryUpdater:
         self.default_prior = default_prior
         self.min_score = min_score
         self.skip_weight = skip_weight
+        self.chain_weight = chain_weight
         self.action_weights = action_weights
         self.exposure_ttl_s = exposure_ttl_s
         self.max_pending_items = max_pending_items
@@ -640,7 +678,8 @@ class MemoryUpdater:
         ids = [e["event_id"] for e in events]
         res.events += len(events)
         agg = aggregate(events, examination=self.examination, action_weights=self.action_weights,
-                        skip_weight=self.skip_weight, keep_parts=True)
+                        skip_weight=self.skip_weight, keep_parts=True,
+                        chain_weight=self.chain_weight)
         res.pairs += len(agg)
         by_id = {pair_id(qk, item): (qk, item) for qk, item in agg}
         increments: list[tuple[str, str, float]] = []
@@ -1066,7 +1105,8 @@ def rebuild_memory(es: Elasticsearch, redis_client: redis_lib.Redis, *, events_a
                   if _key(e.get("event_id")) <= limit]
         t_now = now if now is not None else (limit[0] / 1000.0 if upto else time.time())
         agg = aggregate(events, examination=up.examination, action_weights=up.action_weights,
-                        skip_weight=up.skip_weight, now=t_now, half_life_days=half_life_days)
+                        skip_weight=up.skip_weight, now=t_now, half_life_days=half_life_days,
+                        chain_weight=up.chain_weight)
         res = _rewrite(es, redis_client, up, agg, upto=upto, now=t_now)
         up._renew(token)
     es.indices.refresh(index=memory_alias)
@@ -1172,6 +1212,7 @@ def memory_settings_kwargs(memory: Any) -> dict[str, Any]:
     """:class:`MemoryUpdater` keyword arguments from ``settings.memory``."""
     return {"prior_strength": memory.prior_strength, "default_prior": memory.default_prior,
             "min_score": memory.min_score, "skip_weight": memory.skip_weight,
+            "chain_weight": memory.chain_weight if memory.chain_window_s > 0 else 0.0,
             "exposure_ttl_s": memory.exposure_ttl_s,
             "max_pending_items": memory.max_pending_items,
             "neighbours_per_click": memory.neighbours_per_click,

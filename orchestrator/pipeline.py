@@ -33,6 +33,7 @@ from elasticsearch import Elasticsearch
 from .arms import applicable, build_requests, validate_query
 from .bandit_state import RedisBanditStore, StatUpdate, update_to_dict
 from .budgets import level_updates
+from .chains import QueryChains, session_of
 from .domain import (
     ArmFailure,
     ArmRequest,
@@ -191,7 +192,8 @@ def _rescorer_label(rescorer: Any) -> str:
 
 #: Context fields: integer ones and text ones (with their length limits).
 _CONTEXT_INTS = ("hour", "weekday")
-_CONTEXT_TEXT = {"device": 32, "locale": 16, "user_segment": 64, "user_id": 128}
+_CONTEXT_TEXT = {"device": 32, "locale": 16, "user_segment": 64, "user_id": 128,
+                 "session_id": 128}
 
 
 def check_text(value: Any, name: str, *, max_chars: int | None = None,
@@ -218,7 +220,7 @@ def _coerce_context(context: RequestContext | Mapping[str, Any] | None,
             raise QueryValidationError(
                 f"context must be a mapping of fields, got {type(context).__name__}")
         data = dict(context or {})
-        known = {"hour", "weekday", "device", "locale", "user_segment", "user_id"}
+        known = {"hour", "weekday", "device", "locale", "user_segment", "user_id", "session_id"}
         unknown = sorted(set(data) - known, key=repr)
         if unknown:
             raise QueryValidationError(f"unknown context field(s) {unknown}; known: {sorted(known)}")
@@ -236,9 +238,8 @@ def _coerce_context(context: RequestContext | Mapping[str, Any] | None,
         raise QueryValidationError(f"context.weekday must be in [0, 6] (Monday=0), got {ctx.weekday}")
     if ctx.hour is None or ctx.weekday is None:
         now = now or _dt.datetime.now(_dt.timezone.utc)
-        ctx = RequestContext(ctx.hour if ctx.hour is not None else now.hour,
-                             ctx.weekday if ctx.weekday is not None else now.weekday(),
-                             ctx.device, ctx.locale, ctx.user_segment, ctx.user_id)
+        ctx = dataclasses.replace(ctx, hour=ctx.hour if ctx.hour is not None else now.hour,
+                                  weekday=ctx.weekday if ctx.weekday is not None else now.weekday())
     return ctx
 
 
@@ -375,7 +376,7 @@ class Orchestrator:
                  memory_keys: MemoryKeys | None = None, swap_rate: float = 0.0,
                  swap_max_position: int = 20,
                  examination_refresh_s: float | None = None,
-                 intent_split: bool = True) -> None:
+                 intent_split: bool = True, chains: QueryChains | None = None) -> None:
         self.es = es
         self.redis = redis
         self.registry = registry
@@ -412,6 +413,8 @@ class Orchestrator:
         self.request_id_factory = request_id_factory or _uuid4_str
         # Request-time "does the memory know this query" feature (None: not consulted).
         self.memory_keys = memory_keys
+        # Per-session recent searches: feedback credits abandoned earlier queries (None: off).
+        self.chains = chains
         # Randomised swap interventions that the examination model is estimated from
         # (orchestrator.examination): rate and the deepest display position swapped to.
         self.swap_rate = swap_rate
@@ -553,6 +556,10 @@ class Orchestrator:
                       if res["fallback_cache_size"] > 0 else None),
             request_id_factory=request_id_factory,
             memory_keys=MemoryKeys(redis, prefix=settings.redis.key_prefix, breaker=redis_breaker),
+            chains=(QueryChains(redis, prefix=settings.redis.key_prefix,
+                                window_s=mem.chain_window_s, max_searches=mem.chain_max_searches,
+                                breaker=redis_breaker)
+                    if getattr(mem, "chain_window_s", 0) > 0 else None),
             swap_rate=ex.swap_rate if ex is not None else 0.0,
             swap_max_position=ex.max_position if ex is not None else 20,
             examination_refresh_s=ex.refresh_interval_s if ex is not None else None,
@@ -847,6 +854,9 @@ class Orchestrator:
             self.recent.put(impression)
         self._write("impression", {"impression": impression, "event": event, "executed": executed,
                                    "updates": [update_to_dict(u) for u in updates]})
+        session = session_of(impression["context"])
+        if self.chains is not None and session is not None:
+            self.chains.record(session, request_id=resp.request_id, query_key=impression["query_key"])
         return impression
 
     # -- feedback ------------------------------------------------------------------------------
@@ -908,6 +918,9 @@ class Orchestrator:
                  "rewarded_arms": [t for t in reward_map if t in held
                                    and reward_model.is_positive(action)],
                  "query": imp.get("query"), "intent": imp.get("intent"), "ts": _now_iso()}
+        chain = self._chain(imp, request_id, reward_model, action)
+        if chain:
+            event["chain"] = chain
         applied = self._apply_updates(
             updates,
             (self.log.dedupe_key(request_id), self.log.dedupe_member(item_id, action),
@@ -915,6 +928,19 @@ class Orchestrator:
             event, request_id,
         )
         return FeedbackResult(request_id, item_id, action, not applied, rank, 1.0, reward_map)
+
+    def _chain(self, imp: Mapping[str, Any], request_id: str, reward_model: RewardModel,
+               action: str) -> list[dict[str, Any]]:
+        """The session's abandoned earlier searches a positive ``action`` on ``request_id``
+        credits (:mod:`orchestrator.chains`); [] for other actions, without a session, or
+        with chains off."""
+        session = session_of(imp.get("context"))
+        if self.chains is None or session is None or not reward_model.is_positive(action):
+            return []
+        breaker = self.writer.breaker if self.writer is not None else None
+        return self.chains.abandoned(
+            session, request_id, positive=reward_model.is_positive,
+            counted=lambda rids: self.log.counted_many(rids, breaker=breaker))
 
     # -- introspection -------------------------------------------------------------------------
     def explain(self, request_id: str) -> dict[str, Any]:

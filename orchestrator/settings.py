@@ -220,6 +220,14 @@ class MemorySettings(BaseModel):
     #: different items: a broad query); a known-item lookup, where everyone clicks the same
     #: item, gets none.
     neighbours_min_pairs: int = Field(2, ge=1)
+    #: Query chains (:mod:`orchestrator.chains`): a positive action on a search also credits
+    #: its item, with ``chain_weight`` of a click (and as many examinations), to the same
+    #: session's earlier searches of other queries within ``chain_window_s`` that had no
+    #: positive action. The session is the context's ``session_id``, else its ``user_id``.
+    #: ``chain_window_s = 0``: off (nothing recorded per search).
+    chain_window_s: float = Field(300.0, ge=0, le=24 * 3600)
+    chain_weight: float = Field(0.5, ge=0, le=1)
+    chain_max_searches: int = Field(4, ge=2, le=20)
 
 
 class SecuritySettings(BaseModel):

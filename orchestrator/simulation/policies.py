@@ -167,6 +167,8 @@ class PolicySpec:
     #: Learning parts of an ``ours`` policy (ablations switch one off).
     memory: bool = True
     neighbours: bool = True
+    #: Query-chain credit in the memory (``memory.chain_window_s``; False: 0, off).
+    chains: bool = True
     #: ``rescorer.intent_split`` of the policy (None: the settings' value).
     intent_split: bool | None = None
     retrain: bool = True
@@ -197,12 +199,13 @@ ABLATIONS: tuple[PolicySpec, ...] = (
     PolicySpec("ours_no_rescorer", "ours", ranker=False, seed_as="ours"),
     PolicySpec("ours_no_retrain", "ours", retrain=False, seed_as="ours"),
     PolicySpec("ours_no_neighbours", "ours", neighbours=False, seed_as="ours"),
+    PolicySpec("ours_no_chains", "ours", chains=False, seed_as="ours"),
     PolicySpec("ours_no_intent_split", "ours", intent_split=False, seed_as="ours"),
 )
 
 #: Available by name, not in the default set.
 NOT_DEFAULT = frozenset({"all_arms", "ours_no_retrain", "ours_no_neighbours",
-                         "ours_no_intent_split"})
+                         "ours_no_intent_split", "ours_no_chains"})
 
 
 def is_static(spec: PolicySpec) -> bool:

@@ -92,7 +92,15 @@ from .policies import (
     rrf_rescorer,
     standard_policies,
 )
-from .queries import QUERY_TYPES, QuerySources, QueryStream, SimQuery, load_new_items
+from .queries import (
+    QUERY_TYPES,
+    KnownItem,
+    QuerySources,
+    QueryStream,
+    SimQuery,
+    known_item_query,
+    load_new_items,
+)
 from .releases import Release, clone_index, prepare_catalog, release
 from .releases import cleanup as release_cleanup
 from .users import ClickModel, make_click_model
@@ -124,6 +132,12 @@ class SimConfig:
     oracle_max_arms: int = 3
     p_typo: float = 0.3
     p_partial: float = 0.2
+    #: A user whose playlist or tag search showed nothing they wanted (no action on a wanted
+    #: item) looks one of their wanted tracks up by name in the same session with this
+    #: probability (a ``followup`` round: typed as a known-item query, with ``p_typo`` /
+    #: ``p_partial``); the product can then credit the track to the abandoned query
+    #: (:mod:`orchestrator.chains`). Follow-ups are logged, not scored. 0: never.
+    p_reformulate: float = 0.3
     genres: list[str] | None = None
     keep_state: bool = False
     run_id: str = ""
@@ -248,12 +262,13 @@ def newest_arms_registry(folder: Path) -> TemplateRegistry:
 def sim_settings(settings: Any, *, prefix: str, alias: str | None, max_results: int,
                  events_alias: str | None = None, model_dir: Path | None = None,
                  display: int | None = None, memory_alias: str | None = None,
-                 neighbours: bool = True) -> Any:
+                 neighbours: bool = True, chains: bool = True) -> Any:
     """``settings`` for one policy: its Redis prefix, the catalog alias, and for a retrained
     policy its own events alias, rescorer folder and no time decay of the posteriors (the
     simulation has no calendar time: a run lasts minutes, so wall-clock decay would only
     make the rebuild depend on timing). ``neighbours=False`` switches the memory's
-    neighbour pairs off (``memory.neighbours_per_click = 0``)."""
+    neighbour pairs off (``memory.neighbours_per_click = 0``), ``chains=False`` its
+    query-chain credit (``memory.chain_window_s = 0``)."""
     update: dict[str, Any] = {
         "redis": settings.redis.model_copy(update={"key_prefix": prefix}),
         "limits": settings.limits.model_copy(update={"max_results": max(max_results, settings.limits.max_results)}),
@@ -273,6 +288,9 @@ def sim_settings(settings: Any, *, prefix: str, alias: str | None, max_results: 
     if not neighbours and getattr(settings, "memory", None) is not None:
         update["memory"] = update.get("memory", settings.memory).model_copy(
             update={"neighbours_per_click": 0})
+    if not chains and getattr(settings, "memory", None) is not None:
+        update["memory"] = update.get("memory", settings.memory).model_copy(
+            update={"chain_window_s": 0.0})
     if getattr(settings, "examination", None) is not None:
         # The model a retraining estimates is read at the next feedback (refresh 0), not up
         # to a minute of wall clock later; swap interventions only within what simulated
@@ -429,6 +447,8 @@ class Simulation:
         self.stream, self.hold_out, self._release_docs = make_stream(
             config, settings.ingest.data_dir, self.sources)
         self.release_at: int | None = self.stream.release_at
+        #: Names of the wanted tracks, for follow-up lookups (built by :meth:`run`).
+        self.lookups: dict[str, KnownItem] = {}
         self._understander = understander
 
         def _factory() -> Any:
@@ -514,7 +534,7 @@ class Simulation:
                          events_alias=self.events_alias(spec.name) if learns else None,
                          model_dir=model_dir, display=c.display,
                          memory_alias=self.memory_clones.get(spec.name if learns else STATIC_MEMORY),
-                         neighbours=spec.neighbours)
+                         neighbours=spec.neighbours, chains=spec.chains)
         rescorer: LinearRescorer | None = (
             rrf_rescorer() if spec.rescorer == "rrf" else LinearRescorer.default())
         rescoring: dict[str, Any] | None = None
@@ -766,6 +786,8 @@ class Simulation:
         if oracle_spec:
             spec_by["oracle"] = oracle_spec
         static_from = int(np.floor(c.rounds * min(max(c.static_from_fraction, 0.0), 1.0)))
+        if c.p_reformulate > 0:
+            self.lookups = self.lookup_items(queries)
         records: list[RoundRecord] = []
         t_loop = time.perf_counter()
         bar = None
@@ -787,9 +809,11 @@ class Simulation:
                 active = [n for n in names if (t >= static_from or not is_static(spec_by[n]))
                           and orch_of(n, q.qtype) is not None]
                 # One thread per policy; results in policy order (deterministic records).
-                futs = [pool.submit(self._round, t, n, spec_by[n], orch_of(n, q.qtype), q, ctx,
+                # A session per round: the follow-up lookup of a user who found nothing joins it.
+                ctx = {**ctx, "session_id": f"{q.user or 'anon'}:{t}"}
+                futs = [pool.submit(self._rounds, t, n, spec_by[n], orch_of(n, q.qtype), q, ctx,
                                     held_out=held_out) for n in active]
-                records.extend(f.result() for f in futs)
+                records.extend(r for f in futs for r in f.result())
                 jobs = [pool.submit(self.learn, n, spec_by[n], orchs[n], t=t,
                                     totals=learning[n]) for n in learners]
                 retrains.extend(r for f in jobs if (r := f.result()) is not None)
@@ -832,6 +856,19 @@ class Simulation:
             bounds=stream_bounds(queries, rounds=c.rounds, display=c.display),
         )
 
+    def lookup_items(self, queries: Sequence[SimQuery]) -> dict[str, KnownItem]:
+        """Names of the tracks the stream's playlist and tag users want (what a follow-up
+        lookup types), from the track sources (:func:`.queries.load_new_items`)."""
+        ids = {i for q in queries if q.qtype in ("playlist", "tag")
+               for i in q.relevant if i.startswith("track:")}
+        data_dir = getattr(self.sources, "data_dir", None)
+        if not ids or data_dir is None:
+            return {}
+        items = {k.entity_id: k for k in load_new_items(Path(data_dir), ids)
+                 if k.entity_type == "track"}
+        logger.info("follow-up lookups: names of %d of %d wanted tracks", len(items), len(ids))
+        return items
+
     # -- new items -----------------------------------------------------------------------
     def prepare_new_items(self, learners: Sequence[str]) -> None:
         """Every policy searches one catalog clone without the held-out releases; every
@@ -865,9 +902,44 @@ class Simulation:
                           f"{res.get('indexed', res)} documents in {res.get('seconds')} s")
         logger.info(self.notes[-1])
 
+    def _rounds(self, t: int, name: str, spec: PolicySpec, orch: Orchestrator, q: SimQuery,
+                ctx: Mapping[str, Any], *, held_out: frozenset[str] = frozenset()) -> list[RoundRecord]:
+        """A stream round and, when its user found nothing they wanted on a playlist or tag
+        search, maybe their follow-up lookup of one wanted track in the same session
+        (``p_reformulate``; decided by round and user, the same for every policy that
+        failed them)."""
+        rec, actions = self._play(t, name, spec, orch, q, ctx, held_out=held_out)
+        c = self.config
+        if (c.p_reformulate <= 0 or q.qtype not in ("playlist", "tag") or rec.failed
+                or any(i in q.relevant for i, a in actions if a in ("click", "play"))):
+            return [rec]
+        rng = np.random.default_rng([c.seed, t, 4242])
+        if rng.random() >= c.p_reformulate:
+            return [rec]
+        wanted = sorted(i for i in q.relevant if i.startswith("track:") and i in self.lookups)
+        if not wanted:
+            return [rec]
+        target = wanted[int(rng.integers(len(wanted)))]
+        look = known_item_query(self.lookups[target], rng, p_typo=c.p_typo, p_partial=c.p_partial)
+        fq = SimQuery(look.qid, look.text, "known_item", {target: 1}, target=look.target,
+                      noise=look.noise, user=q.user,
+                      need=f"known:{target}")
+        follow, _ = self._play(t, name, spec, orch, fq, ctx, held_out=held_out, phase="followup",
+                               click_seed=31338)
+        return [rec, follow]
+
     def _round(self, t: int, name: str, spec: PolicySpec, orch: Orchestrator, q: SimQuery,
                ctx: Mapping[str, Any], *, held_out: frozenset[str] = frozenset(),
                phase: str = "stream", feedback: bool = True) -> RoundRecord:
+        return self._play(t, name, spec, orch, q, ctx, held_out=held_out, phase=phase,
+                          feedback=feedback)[0]
+
+    def _play(self, t: int, name: str, spec: PolicySpec, orch: Orchestrator, q: SimQuery,
+              ctx: Mapping[str, Any], *, held_out: frozenset[str] = frozenset(),
+              phase: str = "stream", feedback: bool = True,
+              click_seed: int = 31337) -> tuple[RoundRecord, list[tuple[str, str]]]:
+        """One search of ``q`` by ``orch``, the simulated user's actions (sent as feedback
+        unless ``feedback=False``) and the round's record."""
         c = self.config
         extra = {"key": str(getattr(q, "key", "") or ""), "user": str(getattr(q, "user", "") or ""),
                  "need": str(getattr(q, "need", "") or ""), "phase": phase,
@@ -879,12 +951,12 @@ class Simulation:
             logger.warning("round %d policy %s: search failed: %s", t, name, exc)
             return RoundRecord(t, name, q.qtype, q.noise, q.text, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
                                [], [], {}, 1.0, 0, 0, 0.0, 0.0, failed=1, error=str(exc)[:200],
-                               **extra)
+                               **extra), []
         ids = [it.id for it in resp.results]
         shown = ids[: c.display]
         union = set(ids)
-        rng = np.random.default_rng([c.seed, t, 31337])
-        actions = self.click_model.interact(shown, q.relevant, rng)
+        rng = np.random.default_rng([c.seed, t, click_seed])
+        actions = list(self.click_model.interact(shown, q.relevant, rng))
         for item, action in actions if feedback else ():
             try:
                 _feedback(orch, resp, item, action)
@@ -916,7 +988,7 @@ class Simulation:
             rescorer_version=orch.rescorer_version,
             new_shown=[i for i in shown if i in held_out],
             new_clicked=[i for i in clicked_ids if i in held_out], **extra,
-        )
+        ), actions
 
     def cleanup(self) -> int:
         """Delete every Redis key, events index and temporary model folder of this run.

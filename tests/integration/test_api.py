@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -194,3 +195,20 @@ def test_two_processes_share_posteriors(redis_prefix, catalog_slice):
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_a_session_id_in_the_context_chains_the_sessions_searches(client, orch):
+    ctx = {**CTX, "session_id": "browser-7f3a"}
+    first = client.post("/search", json={"query": "songs nobody can find", "context": ctx}).json()
+    second = client.post("/search", json={"query": "jazz", "size": 5, "context": ctx}).json()
+    assert client.get(f"/explain/{first['request_id']}").json()["context"]["session_id"] == "browser-7f3a"
+    r = client.post("/feedback", json={"request_id": second["request_id"], "action": "play",
+                                       "item_id": second["results"][0]["id"],
+                                       "token": second["token"]})
+    assert r.status_code == 200, r.text
+    events = [json.loads(f[b"data"]) for _, f in orch.redis.xrange(orch.store.events_key)
+              if f[b"type"] == b"feedback"]
+    fb = next(e for e in events if e["request_id"] == second["request_id"])
+    assert [c["request_id"] for c in fb["chain"]] == [first["request_id"]]
+    long = client.post("/search", json={"query": "jazz", "context": {**CTX, "session_id": "x" * 129}})
+    assert long.status_code == 422

@@ -246,3 +246,79 @@ def test_repair_rebuild_equals_the_incremental_result(env, es, redis_client, red
                              memory_alias=memory_alias, catalog_alias=catalog_slice,
                              half_life_days=1e-6, now=time.time() + 86400)
     assert decayed["deleted"] > 0
+
+
+def _feedback_events(redis_client, prefix):
+    return [json.loads(f[b"data"]) for _, f in redis_client.xrange(f"{prefix}events")
+            if f[b"type"] == b"feedback"]
+
+
+def test_a_query_chain_teaches_the_abandoned_query_the_item_found_next(
+        env, es, redis_client, redis_prefix, catalog_slice, settings):
+    """A session: a descriptive query the user gives up on, then a lookup whose result they
+    play. The play's feedback event lists the abandoned query (``chain``), and the memory
+    updater (chain credit as configured) makes the memory arm return the played track for
+    that query, to every later user. Searches of other sessions, searches that got a click
+    and a skip form no chain."""
+    from orchestrator.memory import memory_settings_kwargs
+    from orchestrator.text import normalize_query
+
+    orch, _, memory_alias = env
+    assert orch.chains is not None and settings.memory.chain_weight == 0.5
+    up = MemoryUpdater(redis_client, es, prefix=redis_prefix, memory_alias=memory_alias,
+                       catalog_alias=catalog_slice, **memory_settings_kwargs(settings.memory))
+    vague = "songs for a rainy tuesday commute"
+    first = orch.search(vague, context={"session_id": "s1"}, size=60, total_budget=60)
+    orch.search("music for my cat", context={"session_id": "s2"}, size=60, total_budget=60)
+    # s3: the first search got a click, so the user did not give up on it
+    liked = orch.search("taylor swift", context={"session_id": "s3"}, size=60, total_budget=60)
+    orch.feedback(liked.request_id, liked.results[0].id, "click", token=liked.token)
+    lookup = orch.search("love story", context={"session_id": "s1"}, size=60, total_budget=60)
+    lookup3 = orch.search("shake it off", context={"session_id": "s3"}, size=60, total_budget=60)
+    target = lookup.results[0].id
+    orch.feedback(lookup.request_id, lookup.results[1].id, "skip", token=lookup.token)
+    orch.feedback(lookup.request_id, target, "play", token=lookup.token)
+    orch.feedback(lookup3.request_id, lookup3.results[0].id, "play", token=lookup3.token)
+    events = {(e["request_id"], e["action"]): e for e in _feedback_events(redis_client, redis_prefix)}
+    chain = events[(lookup.request_id, "play")]["chain"]
+    assert [(c["query_key"], c["request_id"]) for c in chain] == [
+        (normalize_query(vague), first.request_id)]
+    assert 0 <= chain[0]["age_s"] < 60
+    assert "chain" not in events[(lookup.request_id, "skip")]   # not a positive action
+    assert "chain" not in events[(lookup3.request_id, "play")]  # s3's first search was clicked
+    assert target not in memory_ids(first)
+    up.run(batch_size=1000)
+    es.indices.refresh(index=memory_alias)
+    again = orch.search(vague, context={"session_id": "s9"}, size=60, total_budget=60)
+    assert target in memory_ids(again)
+    doc = es.get(index=memory_alias, id=pair_id(normalize_query(vague), target))["_source"]
+    assert doc["source"] == "learned" and doc["clicks"] == pytest.approx(0.5 * 1.5)
+    assert MemoryKeys(redis_client, prefix=redis_prefix).known_pairs(normalize_query(vague)) == 1
+    # the cat query of another session learned nothing
+    assert not es.exists(index=memory_alias, id=pair_id("music for my cat", target))
+
+
+def test_query_chains_window_order_and_bounds(redis_client, redis_prefix):
+    from orchestrator.chains import QueryChains, session_of
+
+    now = [1000.0]
+    chains = QueryChains(redis_client, prefix=redis_prefix, window_s=60, max_searches=4,
+                         clock=lambda: now[0])
+    assert session_of({"session_id": "a", "user_id": "u"}) == "s:a"
+    assert session_of({"user_id": "u"}) == "u:u" and session_of({}) is None
+    for rid, key, t in [("r0", "too old", 900.0), ("r1", "jazz", 980.0), ("r2", "jazz", 985.0),
+                        ("r3", "blues", 990.0), ("r4", "take five", 1000.0), ("r5", "later", 1010.0)]:
+        now[0] = t
+        assert chains.record("s:a", request_id=rid, query_key=key)
+    assert redis_client.llen(chains.key("s:a")) == 4  # r2 .. r5: at most max_searches
+    assert 0 < redis_client.ttl(chains.key("s:a")) <= 60
+    none = lambda rids: {}  # noqa: E731 - nothing counted on any request
+    got = chains.abandoned("s:a", "r4", counted=none, positive=lambda a: a == "play")
+    # newest first, one per key, not r5 (after r4), not r0 (trimmed, and out of the window)
+    assert [(c["query_key"], c["request_id"], c["age_s"]) for c in got] == [
+        ("blues", "r3", 10.0), ("jazz", "r2", 15.0)]
+    played = lambda rids: {"r3": [("track:x", "play")]}  # noqa: E731
+    assert [c["request_id"] for c in chains.abandoned("s:a", "r4", counted=played,
+                                                      positive=lambda a: a == "play")] == ["r2"]
+    assert chains.abandoned("s:a", "nope", counted=none, positive=bool) == []
+    assert chains.abandoned("s:other", "r4", counted=none, positive=bool) == []

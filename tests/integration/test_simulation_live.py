@@ -268,3 +268,64 @@ def test_two_runs_clone_the_same_memory_at_once(es, redis_client, redis_prefix, 
             s.cleanup()
     blocks = es.indices.get_settings(index=src_index, name="index.blocks.write")
     assert not blocks.body.get(src_index, {}).get("settings"), blocks
+
+
+def test_followup_lookups_feed_the_query_chains_of_ours_only(es, redis_client, redis_prefix,
+                                                             settings, catalog_slice, sources,
+                                                             tmp_path: Path):
+    """Playlist needs, every user who found nothing looks a wanted track up (p_reformulate=1,
+    no noise clicks): the follow-ups are logged (phase ``followup``, not scored), after the
+    rounds without a click only, at the same rounds for both policies where both failed;
+    ours' feedback carries the abandoned playlist query as its chain and its memory learns
+    playlist-title pairs from it, ours_no_chains' does neither."""
+    cfg = _config(redis_prefix, rounds=16, policies=["ours", "ours_no_chains"], oracle=False,
+                  mix={"playlist": 1.0, "known_item": 0.0, "tag": 0.0}, memory_every=1,
+                  move_every=0, retrain_every=0, keep_state=True, unseen_eval_max=0,
+                  p_reformulate=1.0, click_params={"noise": 0.0})
+    sim = Simulation(cfg, settings, es=es, redis=redis_client, alias=catalog_slice, sources=sources)
+    names = ("ours", "ours_no_chains")
+    every = sim.lookup_items
+
+    def in_the_slice(queries):
+        # the slice holds a few genres: users here only look up tracks it has
+        items = every(queries)
+        found = {d["_id"] for d in es.mget(index=catalog_slice, ids=sorted(items),
+                                            source=False)["docs"] if d.get("found")}
+        return {k: v for k, v in items.items() if k in found}
+
+    sim.lookup_items = in_the_slice
+    try:
+        result = sim.run(progress=False)
+        by = {(r.policy, r.phase, r.t): r for r in result.records}
+        silent = {n: {t for t in range(16) if not by[(n, "stream", t)].clicked} for n in names}
+        follow = {n: {t for (p, ph, t) in by if p == n and ph == "followup"} for n in names}
+        assert follow["ours"] and all(follow[n] <= silent[n] for n in names)
+        both = silent["ours"] & silent["ours_no_chains"]
+        assert follow["ours"] & both == follow["ours_no_chains"] & both
+        assert all(by[(n, "followup", t)].qtype == "known_item" for n in names for t in follow[n])
+        report = write_all(result, tmp_path)
+        assert report["policies"]["ours"]["overall"]["n"] == 16  # follow-ups are not scored
+        assert report["followups"]["ours"]["rounds"] == len(follow["ours"])
+
+        def chains(name):
+            out = []
+            for _, f in redis_client.xrange(sim.prefix(name) + "events"):
+                if f[b"type"] == b"feedback":
+                    out += json.loads(f[b"data"]).get("chain") or []
+            return out
+
+        playlist_keys = {r.key for r in result.records if r.phase == "stream"}
+        ours_chain = chains("ours")
+        assert ours_chain and {c["query_key"] for c in ours_chain} <= playlist_keys
+        assert chains("ours_no_chains") == []
+
+        def learned_title_pairs(name):
+            alias = sim.memory_clones[name]
+            es.indices.refresh(index=alias)
+            return es.count(index=alias, query={"bool": {"filter": [
+                {"terms": {"query_key": sorted(playlist_keys)}},
+                {"term": {"source": "learned"}}]}})["count"]
+
+        assert learned_title_pairs("ours") > learned_title_pairs("ours_no_chains")
+    finally:
+        sim.cleanup()

@@ -140,8 +140,9 @@ def test_aggregation_cost_is_independent_of_history():
 def test_the_inlined_aggregation_equals_the_sum_of_contributions():
     """``aggregate`` inlines :func:`contributions` for speed; on every event shape the stream
     carries (dict, ``[id, rank]`` tuple and bare-id shown lists, feedback with and without a
-    query key, skips, unknown and zero-weight actions, events without a key) and with decay,
-    its per-pair sums, newest event and parts are the generator's."""
+    query key, skips, unknown and zero-weight actions, events without a key, query chains) with
+    and without decay and chain credit, its per-pair sums, newest event and parts are the
+    generator's."""
     import random
 
     from orchestrator.memory import contributions
@@ -155,8 +156,12 @@ def test_the_inlined_aggregation_equals_the_sum_of_contributions():
         eid = f"{1000 + n}-{rng.randrange(3)}"
         ts = 1_700_000_000 + n * 3600
         items = [f"i{rng.randrange(15)}" for _ in range(rng.randrange(1, 8))]
-        shape = rng.randrange(5)
-        if shape == 0:
+        shape = rng.randrange(6)
+        if shape == 5:  # feedback whose query chain credits abandoned earlier queries
+            ev = fb(f"r{n}", key, items[0], rng.choice(["click", "play", "skip"]), eid)
+            ev["chain"] = [{"query_key": f"q{rng.randrange(6)}", "request_id": "r0"},
+                           {"query_key": "q9", "request_id": "r1"}, "q8", {"request_id": "x"}]
+        elif shape == 0:
             ev = imp(f"r{n}", key, items, eid)
         elif shape == 1:
             ev = {"type": "impression", "query_key": key, "event_id": eid,
@@ -171,20 +176,22 @@ def test_the_inlined_aggregation_equals_the_sum_of_contributions():
                   "action": "click", "event_id": eid}
         events.append({**ev, "ts": ts})
     now = 1_700_000_000 + 500 * 3600
-    for half_life in (None, 3.0):
+    for half_life, chain_weight in ((None, 0.0), (3.0, 0.0), (None, 0.4), (3.0, 0.4)):
         got = aggregate(events, examination=THETA, action_weights=weights, skip_weight=0.7,
-                        now=now, half_life_days=half_life, keep_parts=True)
+                        now=now, half_life_days=half_life, keep_parts=True,
+                        chain_weight=chain_weight)
         want: dict = {}
         for ev in events:
             w = decay_weight(now - event_time(ev), half_life_days=half_life)
             for qk, it, dc, de in contributions(ev, examination=THETA, action_weights=weights,
-                                                skip_weight=0.7):
+                                                skip_weight=0.7, chain_weight=chain_weight):
                 c, e, last, parts = want.get((qk, it), (0.0, 0.0, None, []))
                 if last is None or stream_id_key(ev["event_id"]) > stream_id_key(last):
                     last = ev["event_id"]
                 want[(qk, it)] = (c + dc * w, e + de * w, last,
                                   parts + [(stream_id_key(ev["event_id"]), dc * w, de * w)])
         assert set(got) == set(want) and len(got) > 30
+        assert any(k in ("q8", "q9") for k, _ in got) == (chain_weight > 0)
         for pair, (c, e, last, parts) in want.items():
             d = got[pair]
             assert (d.clicks, d.examinations) == pytest.approx((c, e))
@@ -288,3 +295,24 @@ def test_compact_impression_record_gives_the_updater_what_the_full_event_does():
     assert {k: (v.clicks, v.examinations) for k, v in agg_a.items()} == \
         {k: (v.clicks, v.examinations) for k, v in agg_b.items()}
     assert len(agg_b) == 10
+
+
+def test_a_query_chain_credits_the_abandoned_queries_with_a_share_of_the_click():
+    from orchestrator.memory import chain_keys, contributions
+
+    ev = {**fb("r2", "despacito", "track:d", "play", "5-0"),
+          "chain": [{"query_key": "de fiesta", "request_id": "r1", "age_s": 12.0},
+                    {"query_key": "despacito", "request_id": "r0"},  # its own key: no credit
+                    {"query_key": "de fiesta", "request_id": "r-1"}]}  # once per key
+    assert chain_keys(ev) == ["de fiesta"]
+    weights = {"click": 1.0, "play": 1.5, "skip": -0.5}
+    assert list(contributions(ev, examination=THETA, action_weights=weights, chain_weight=0.5)) == [
+        ("despacito", "track:d", 1.5, 0.0), ("de fiesta", "track:d", 0.75, 0.5)]
+    # off by default, and a skip credits nothing along the chain
+    assert [k for k, *_ in contributions(ev, examination=THETA, action_weights=weights)] == ["despacito"]
+    skip = {**ev, "action": "skip"}
+    assert [k for k, *_ in contributions(skip, examination=THETA, action_weights=weights,
+                                         chain_weight=0.5)] == ["despacito"]
+    got = aggregate([ev], examination=THETA, action_weights=weights, chain_weight=0.5)
+    assert (got[("de fiesta", "track:d")].clicks, got[("de fiesta", "track:d")].examinations) == (0.75, 0.5)
+    assert got[("de fiesta", "track:d")].last_event == "5-0"
