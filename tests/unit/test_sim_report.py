@@ -240,3 +240,23 @@ def test_new_items_section_last_third_and_table():
     text = new_items_table(report)
     assert "released at round 4" in text and "| arm:x | 9 | 1 | 0 |" in text
     assert new_items_table({"new_items": sec, "config": {}}) == ""
+
+
+def test_followup_rounds_are_reported_apart_and_never_scored():
+    from orchestrator.simulation.report import followups_table
+
+    rows = _rows()
+    base = _report(rows)
+    follow = [_row(t, "ours", key=f"lookup-{t}", success=1.0 if t % 2 else 0.0, qtype="known_item",
+                   phase="followup") for t in range(0, 10)]
+    rep = report_from_rows(rows + follow, config={"rounds": N, "display": 10, "p_reformulate": 0.3},
+                           oracle_plans={}, calibration={}, arms=["lexical.v2", "semantic.v1"],
+                           query_counts={}, source_sizes={}, seconds={})
+    # every stream metric is the one of the run without the follow-ups
+    assert rep["policies"]["ours"] == base["policies"]["ours"]
+    assert rep["unseen_playlists"] == base["unseen_playlists"]
+    assert rep["followups"] == {"ours": {"rounds": 10, "success": 0.5, "played": 0.0}}
+    assert base["followups"] == {}
+    table = followups_table(rep)
+    assert "probability 0.3" in table and "| ours | 10 | 0.500 | 0.000 |" in table
+    assert followups_table(base) == ""
