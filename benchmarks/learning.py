@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix=f"bench-learning-{run}-mem:", settings=s, seed=args.seed,
             feedbacks=3 if args.smoke else 30,
             compare_batch_sizes=(1000,), compare_events=2000 if args.smoke else 60_000,
-            log=lambda *a, **k: print(*a, file=sys.stderr, flush=True))
+            compare_neighbours=True, log=lambda *a, **k: print(*a, file=sys.stderr, flush=True))
         total_s = time.perf_counter() - t0
         retrain = {k: v.get("events_per_s") for k, v in tasks_out.items() if not v.get("skipped")}
         retrain.update({k: v for k, v in (memory.get("retrain_events_per_s") or {}).items()})
@@ -524,11 +524,12 @@ def main(argv: list[str] | None = None) -> int:
         if read:
             print(f"{'memory: stream read only':<26}{n_mem:>10}{'':>10}{read:>12,.0f}  "
                   "XRANGE of the same entries, no work: any consumer's ceiling")
-        cmp = (details.get("batch_sizes") or {})
-        for b, runs in (cmp.get("events_per_s") or {}).items():
-            print(f"{'memory: batch ' + b:<26}{cmp['events']:>10}{'':>10}"
-                  f"{sum(runs) / len(runs):>12,.0f}  update_memory, side by side "
-                  f"({', '.join(f'{x:,.0f}' for x in runs)})")
+        for label, name in (("batch ", "batch_sizes"), ("", "neighbours")):
+            cmp = (details.get(name) or {})
+            for b, runs in (cmp.get("events_per_s") or {}).items():
+                print(f"{'memory: ' + label + b:<26}{cmp['events']:>10}{'':>10}"
+                      f"{sum(runs) / len(runs):>12,.0f}  update_memory, side by side "
+                      f"({', '.join(f'{x:,.0f}' for x in runs)})")
         fr = mem.get("memory_freshness_s") or {}
         print(f"memory freshness s: p50 {fr.get('p50')} p95 {fr.get('p95')} (n={fr.get('n')}); "
               f"memory update pairs/s: {mem.get('memory_update_pairs_per_s')}")

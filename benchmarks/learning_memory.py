@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 from orchestrator.examination import ExaminationModel  # noqa: E402
 from orchestrator.feedback import compact_impression  # noqa: E402
-from orchestrator.memory import MemoryUpdater, rebuild_memory  # noqa: E402
+from orchestrator.memory import MemoryUpdater, memory_settings_kwargs, rebuild_memory  # noqa: E402
 from orchestrator.settings import OrchestratorSettings  # noqa: E402
 
 PLAN = {"lexical": 20, "memory": 10}
@@ -124,7 +124,8 @@ def _read_only(redis: Any, stream: str, *, start: str, batch_size: int) -> float
 
 def _throughput(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], catalog_alias: str,
                 memory_alias: str, prefix: str, chunk: int, batch_size: int,
-                mappings_dir: Path, indexed_events: int | None, log: Any) -> dict[str, Any]:
+                mappings_dir: Path, indexed_events: int | None,
+                updater_kwargs: Mapping[str, Any], log: Any) -> dict[str, Any]:
     """Feed the log chunk by chunk and time only the updater; then time the repair rebuild
     over the first ``indexed_events`` events (written to a benchmark events index; the
     rebuild holds its whole input in memory)."""
@@ -136,7 +137,7 @@ def _throughput(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], cat
     stream = f"{prefix}events"
     events_alias = f"{memory_alias}-events"
     up = MemoryUpdater(redis, es, prefix=prefix, memory_alias=memory_alias,
-                       catalog_alias=catalog_alias)
+                       catalog_alias=catalog_alias, **updater_kwargs)
     up.ensure()
     body = load_mapping(mappings_dir, "events.v1")
     es.indices.create(index=f"{events_alias}-v1", settings=body["settings"],
@@ -173,7 +174,7 @@ def _throughput(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], cat
     t = time.perf_counter()
     rebuilt = rebuild_memory(es, redis, events_alias=events_alias, prefix=prefix,
                              memory_alias=memory_alias, catalog_alias=catalog_alias,
-                             half_life_days=30.0)
+                             half_life_days=30.0, **updater_kwargs)
     rebuild_s = time.perf_counter() - t
     log(f"  train_memory (repair): {rebuilt['events']} events in {rebuild_s:.1f} s")
     es.indices.refresh(index=memory_alias)
@@ -198,33 +199,35 @@ def _throughput(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], cat
     }
 
 
-def _batch_sizes(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], catalog_alias: str,
-                 memory_alias: str, prefix: str, sizes: Sequence[int], repeats: int = 2,
-                 log: Any) -> dict[str, Any]:
-    """The updater's events/s at each batch size, side by side on the same events: each run
-    starts from an empty memory alias and stream of its own, runs alternate between the sizes
-    (``repeats`` rounds), so the machine's drift falls on every size alike."""
-    runs: dict[int, list[float]] = {b: [] for b in sizes}
+def _side_by_side(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]],
+                  catalog_alias: str, memory_alias: str, prefix: str,
+                  configs: Mapping[str, tuple[int, Mapping[str, Any]]], repeats: int = 2,
+                  log: Any) -> dict[str, Any]:
+    """The updater's events/s under each configuration (``name -> (batch size, updater
+    keyword arguments)``), side by side on the same events: each run starts from an empty
+    memory alias and stream of its own, runs alternate between the configurations
+    (``repeats`` rounds), so the machine's drift falls on every one alike."""
+    runs: dict[str, list[float]] = {name: [] for name in configs}
     for rep in range(repeats):
-        for b in sizes:
-            tag = f"b{b}-{rep}"
+        for i, (name, (b, kwargs)) in enumerate(configs.items()):
+            tag = f"c{i}-{rep}"
             pfx, alias = f"{prefix}{tag}:", f"{memory_alias}-{tag}"
             up = MemoryUpdater(redis, es, prefix=pfx, memory_alias=alias,
-                               catalog_alias=catalog_alias)
+                               catalog_alias=catalog_alias, **kwargs)
             up.ensure()
             try:
                 _xadd_all(redis, f"{pfx}events", events)
                 t = time.perf_counter()
                 res = up.run(batch_size=b, max_batches=10**6)
-                runs[b].append(res.events / (time.perf_counter() - t))
+                runs[name].append(res.events / (time.perf_counter() - t))
             finally:
                 es.indices.delete(index=f"{alias}*", ignore_unavailable=True,
                                   allow_no_indices=True)
                 for key in redis.scan_iter(match=f"{pfx}*", count=1000):
                     redis.delete(key)
-            log(f"  update_memory batch {b}: {runs[b][-1]:.0f} events/s")
+            log(f"  update_memory {name}: {runs[name][-1]:.0f} events/s")
     return {"events": len(events), "repeats": repeats,
-            "events_per_s": {str(b): [round(v, 1) for v in vs] for b, vs in runs.items()}}
+            "events_per_s": {name: [round(v, 1) for v in vs] for name, vs in runs.items()}}
 
 
 # -- freshness -------------------------------------------------------------------------------
@@ -379,10 +382,12 @@ def measure(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], catalog
             indexed_events: int | None = 200_000, seed: int = 0, timeout_s: float = 30.0,
             settings: OrchestratorSettings | None = None, cleanup: bool = True,
             compare_batch_sizes: Sequence[int] = (), compare_events: int = 60_000,
-            log: Any = print) -> dict[str, Any]:
+            compare_neighbours: bool = False, log: Any = print) -> dict[str, Any]:
     """Freshness over ``feedbacks`` real feedbacks and throughput over ``events``; with
     ``compare_batch_sizes``, also the updater side by side at those batch sizes and the
-    configured one, on the first ``compare_events`` events.
+    configured one, and with ``compare_neighbours`` with and without the first-click
+    neighbours, on the first ``compare_events`` events. Every updater is built from
+    ``settings.memory`` (:func:`~orchestrator.memory.memory_settings_kwargs`), as the task is.
 
     ``memory_alias`` must be a benchmark alias (never the production one: the run writes
     learned pairs into it); ``prefix`` a fresh Redis prefix. Returns
@@ -394,6 +399,7 @@ def measure(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], catalog
         raise ValueError(f"{memory_alias} is a production memory alias; pass a benchmark one")
     every_s = every_s if every_s is not None else settings.celery.update_memory_every_s
     batch_size = batch_size or settings.memory.batch_size  # what the task uses
+    kwargs = memory_settings_kwargs(settings.memory)  # the updater as the task builds it
     t0 = time.perf_counter()
     try:
         fresh = _freshness(es, redis, settings=settings, catalog_alias=catalog_alias,
@@ -403,12 +409,21 @@ def measure(es: Any, redis: Any, *, events: Sequence[Mapping[str, Any]], catalog
         thr = _throughput(es, redis, events=events, catalog_alias=catalog_alias,
                           memory_alias=memory_alias, prefix=f"{prefix}thr:", chunk=chunk,
                           batch_size=batch_size, mappings_dir=settings.ingest.mappings_dir,
-                          indexed_events=indexed_events, log=log)
+                          indexed_events=indexed_events, updater_kwargs=kwargs, log=log)
         if compare_batch_sizes:
             sizes = sorted({*compare_batch_sizes, batch_size})
-            thr["batch_sizes"] = _batch_sizes(
+            thr["batch_sizes"] = _side_by_side(
                 es, redis, events=events[:compare_events], catalog_alias=catalog_alias,
-                memory_alias=memory_alias, prefix=f"{prefix}cmp:", sizes=sizes, log=log)
+                memory_alias=memory_alias, prefix=f"{prefix}cmp:",
+                configs={str(b): (b, kwargs) for b in sizes}, log=log)
+        if compare_neighbours and kwargs.get("neighbours_per_click"):
+            # What the first-click neighbours (memory.neighbours_per_click) cost the updater.
+            thr["neighbours"] = _side_by_side(
+                es, redis, events=events[:compare_events], catalog_alias=catalog_alias,
+                memory_alias=memory_alias, prefix=f"{prefix}nb:",
+                configs={"configured": (batch_size, kwargs),
+                         "no_neighbours": (batch_size, {**kwargs, "neighbours_per_click": 0})},
+                log=log)
     finally:
         if cleanup:
             es.indices.delete(index=f"{memory_alias}*", ignore_unavailable=True,

@@ -157,6 +157,19 @@ def pair_document(query_key: str, item_id: str, *, item: Mapping[str, Any], prio
     return doc
 
 
+def pair_evidence(*, prior: float, clicks: float, examinations: float, prior_strength: float,
+                  min_score: float, last_event: str | None = None) -> dict[str, Any]:
+    """The fields of a pair document that its evidence changes (a partial update: the
+    document's key, ``item`` copy and provenance stay as they are)."""
+    doc = pair_document("", "", item={"entity_type": "-"}, prior=prior, clicks=clicks,
+                        examinations=examinations, source="", prior_strength=prior_strength,
+                        min_score=min_score, last_event=last_event)
+    return {k: doc[k] for k in _EVIDENCE_FIELDS if k in doc}
+
+
+_EVIDENCE_FIELDS = ("clicks", "examinations", "score", "active", "updated", "last_event")
+
+
 # -- events -> per-pair evidence (pure) ----------------------------------------------------------
 
 def _key(event_id: Any) -> tuple[int, int]:
@@ -597,6 +610,7 @@ class MemoryUpdater:
         self.lock_ttl_s = lock_ttl_s
         self.keys_key = f"{prefix}memory:keys"
         self.lock_key = f"{prefix}memory:lock"
+        self._neighbours: Any = None  # a NeighbourCache, made at the first neighbours' search
         self._finalise = redis_client.register_script(_FINALISE_LUA)
         self._unlock = redis_client.register_script(_UNLOCK_LUA)
 
@@ -691,8 +705,9 @@ class MemoryUpdater:
         for attempt in range(5):
             if not todo:
                 break
+            # Never the ``item`` copy (most of a document's bytes): an update is partial.
             found = _mget(self.es, self.memory_alias, todo,
-                          source=["prior", "clicks", "examinations", "source", "last_event", "item"])
+                          source=["prior", "clicks", "examinations", "last_event"])
             actions: list[dict[str, Any]] = []
             first_click: dict[str, str] = {}  # pid -> query key whose known-pair count grows
             clicked_items: dict[str, Mapping[str, Any]] = {}  # item id -> its item copy
@@ -716,18 +731,16 @@ class MemoryUpdater:
                     continue
                 de += waiting.pop(pid, 0.0)  # a create that lost a race: keep its exposures
                 old_clicks = float(src.get("clicks") or 0.0)
-                doc = pair_document(
-                    qk, item_id, item=src.get("item") or {}, prior=float(src.get("prior") or 0.0),
-                    clicks=old_clicks + dc,
+                doc = pair_evidence(
+                    prior=float(src.get("prior") or 0.0), clicks=old_clicks + dc,
                     examinations=float(src.get("examinations") or 0.0) + de,
-                    source=src.get("source") or "learned", prior_strength=self.prior_strength,
-                    min_score=self.min_score, last_event=d.last_event)
+                    prior_strength=self.prior_strength, min_score=self.min_score,
+                    last_event=d.last_event)
                 if old_clicks <= 0 < doc["clicks"]:
-                    first_click[pid] = qk
-                    clicked_items[item_id] = doc["item"]
-                actions.append({"_op_type": "index", "_index": hit["_index"], "_id": pid,
+                    first_click[pid] = qk  # its item copy is read if neighbours need it
+                actions.append({"_op_type": "update", "_index": hit["_index"], "_id": pid,
                                 "if_seq_no": hit["_seq_no"], "if_primary_term": hit["_primary_term"],
-                                "_source": doc})
+                                "doc": doc})
             if new_clicked:
                 actions += self._create_actions(new_clicked, by_id, agg, res, waiting, first_click,
                                                 clicked_items)
@@ -758,7 +771,7 @@ class MemoryUpdater:
         get neighbours: a key whose users click different items has several right answers;
         a known-item lookup, where everyone clicks the same one, gets none. Returns the
         increments still to add to the pending hashes."""
-        from .neighbours import find_neighbours, neighbour_priors
+        from .neighbours import NeighbourCache, neighbour_priors
 
         if self.neighbours_min_pairs > 1:
             keys = sorted({qk for qk, _it, _src in first_clicks})
@@ -768,10 +781,19 @@ class MemoryUpdater:
                             if have[fc[0]] >= self.neighbours_min_pairs]
             if not first_clicks:
                 return increments
-        items = {it: src for _qk, it, src in first_clicks if src}
+        items: dict[str, Mapping[str, Any] | None] = {}
+        for _qk, it, src in first_clicks:
+            items[it] = items.get(it) or src  # None: an updated pair, its copy not read
+
+        def load(ids: list[str]) -> dict[str, Mapping[str, Any]]:
+            return {d["_id"]: d["_source"] for d in _mget(
+                self.es, self.catalog_alias, sorted(ids), source=list(ITEM_FIELDS)).values()}
+
         try:
-            found = find_neighbours(self.es, self.catalog_alias, items,
-                                    size=self.neighbours_per_click, mode=self.neighbours_by)  # type: ignore[arg-type]
+            if self._neighbours is None:
+                self._neighbours = NeighbourCache(size=self.neighbours_per_click,
+                                                  mode=self.neighbours_by)  # type: ignore[arg-type]
+            found = self._neighbours.get(self.es, self.catalog_alias, items, load=load)
         except Exception as exc:  # noqa: BLE001 - a proposal: never fail the batch for it
             logger.warning("memory neighbours skipped: %s", exc)
             return increments
@@ -860,7 +882,7 @@ class MemoryUpdater:
                                                chunk_size=1000):
             op, item = next(iter(info.items()))
             if ok:
-                res.updated += op == "index"
+                res.updated += op == "update"
             elif item.get("status") == 409:
                 conflicts.append(item["_id"])
             else:

@@ -26,13 +26,17 @@ Modes (``memory.neighbours_by``):
     One query, the union: same-artist matches first (``artist_boost``), then genre neighbours.
 
 All clicked items of an updater batch go in one ``_msearch``; the cost grows with the first
-clicks of the batch, never with the history.
+clicks of the batch, never with the history. An item's neighbours depend on the catalog
+alone, and a popular item gets first clicks under many query keys, so the updater keeps
+them in a :class:`NeighbourCache` (bounded, entries expire) and searches the misses only.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -131,3 +135,60 @@ def neighbour_priors(n: int, *, prior: float, decay: float) -> list[float]:
 
 __all__ = ["MODES", "Neighbour", "NeighbourMode", "find_neighbours", "neighbour_priors",
            "neighbour_query"]
+
+
+class NeighbourCache:
+    """:func:`find_neighbours` behind a bounded LRU of ``item id -> neighbours`` whose entries
+    expire after ``ttl_s`` (so items added to the catalog become neighbours within that
+    time). Failed searches are not cached. One per updater (one ``size`` and ``mode``).
+
+    >>> calls = []
+    >>> def search(es, index, items, **kw):
+    ...     calls.append(sorted(items)); return {i: [] for i in items}
+    >>> cache = NeighbourCache(size=5, mode="artist", max_items=2, search=search)
+    >>> _ = cache.get(None, "cat", {"a": {"x": 1}, "b": {"x": 1}})
+    >>> _ = cache.get(None, "cat", {"a": None, "c": None}, load=lambda ids: {i: {"x": 1} for i in ids})
+    >>> calls, cache.hits, cache.misses
+    ([['a', 'b'], ['c']], 1, 3)
+    """
+
+    def __init__(self, *, size: int, mode: NeighbourMode = "artist", max_items: int = 50_000,
+                 ttl_s: float = 3600.0, clock: Callable[[], float] = time.monotonic,
+                 search: Callable[..., dict[str, list[Neighbour]]] | None = None) -> None:
+        self.size, self.mode = size, mode
+        self.max_items, self.ttl_s, self.clock = max_items, ttl_s, clock
+        self._search = search or find_neighbours
+        self._lru: OrderedDict[tuple[str, str], tuple[float, list[Neighbour]]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, es: Elasticsearch, index: str, items: Mapping[str, Mapping[str, Any] | None],
+            *, load: Callable[[list[str]], Mapping[str, Mapping[str, Any]]] | None = None,
+            ) -> dict[str, list[Neighbour]]:
+        """Neighbours of ``items`` (id -> catalog fields, or None: ``load`` reads the fields
+        of the misses that lack them, so a cached item costs no read)."""
+        now = self.clock()
+        out: dict[str, list[Neighbour]] = {}
+        todo: dict[str, Mapping[str, Any]] = {}
+        lacking: list[str] = []
+        for item_id, src in items.items():
+            hit = self._lru.get((index, item_id))
+            if hit is not None and now - hit[0] < self.ttl_s:
+                self._lru.move_to_end((index, item_id))
+                out[item_id] = hit[1]
+            elif src:
+                todo[item_id] = src
+            else:
+                lacking.append(item_id)
+        if lacking and load is not None:
+            todo.update(load(lacking))
+        self.hits += len(out)
+        self.misses += len(todo)
+        if todo:
+            found = self._search(es, index, todo, size=self.size, mode=self.mode)
+            for item_id, nbs in found.items():
+                self._lru[(index, item_id)] = (now, nbs)
+                self._lru.move_to_end((index, item_id))
+                out[item_id] = nbs
+            while len(self._lru) > self.max_items:
+                self._lru.popitem(last=False)
+        return out
