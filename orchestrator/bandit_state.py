@@ -18,7 +18,10 @@ Redis key layout (``P`` is ``settings.redis.key_prefix``, e.g. ``ltrr:``)::
                                         (what built the contexts, see check_schema),
                                         version (bumped per update),
                                         gen, rebuilt_upto, rebuild (last log rebuild swapped
-                                        in, see :mod:`orchestrator.training`), migrated
+                                        in, see :mod:`orchestrator.training`), migrated,
+                                        rev:<stat key> (bumped when an update changes that
+                                        hash: readers reload only what changed, see
+                                        RedisBanditStore.revisions)
     P bandit:lin:<component>      hash  n, w, b:<i>, A:<i>:<j> (i <= j; upper triangle)
     P bandit:beta:<template_id>   hash  <bucket>:a, <bucket>:b, <bucket>:n
     P bandit:beta:budget:<tid>    hash  the same per budget level: l<level>|intent=<x> and
@@ -44,6 +47,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -146,6 +150,11 @@ class BanditStore(Protocol):
 
     def version(self) -> int: ...
 
+    def revisions(self, components: Sequence[str]) -> tuple[str, list[int]]:
+        """``(generation, revision of each component's linear statistics)``: a component
+        whose revision and generation are unchanged has unchanged statistics."""
+        ...
+
     def load_linear(self, components: Sequence[str]) -> dict[str, LinearStats]: ...
 
     def load_beta(self, template_ids: Sequence[str]) -> dict[str, BetaStats]: ...
@@ -169,6 +178,7 @@ class InMemoryBanditStore:
         self._beta: dict[str, BetaStats] = {}
         self._seen: set[tuple[str, str]] = set()
         self._version = 0
+        self._revs: dict[str, int] = defaultdict(int)
         self.events: list[dict[str, Any]] = []
         #: ``{outcome key: {group: reward applied}}`` (the ``P out:<request_id>`` hashes).
         self.outcomes: dict[str, dict[str, float]] = {}
@@ -193,6 +203,7 @@ class InMemoryBanditStore:
                         delta = u.reward - old
                     applied[u.group] = u.reward
                 if isinstance(u, LinearUpdate):
+                    self._revs[u.component] += 1
                     st = self._lin.setdefault(u.component, LinearStats.empty(self.dim))
                     idx = np.asarray(u.indices, dtype=np.intp)
                     x = np.asarray(u.values)
@@ -221,6 +232,10 @@ class InMemoryBanditStore:
     def version(self) -> int:
         return self._version
 
+    def revisions(self, components: Sequence[str]) -> tuple[str, list[int]]:
+        with self._lock:
+            return "0", [self._revs.get(c, 0) for c in components]
+
     def load_linear(self, components: Sequence[str]) -> dict[str, LinearStats]:
         with self._lock:
             out = {}
@@ -238,15 +253,15 @@ class InMemoryBanditStore:
 
 #: Lua function shared by every script that writes statistics (the feedback apply below and
 #: the impression write of :mod:`orchestrator.feedback`). ``apply_stats(ups, first, out_key,
-#: out_ttl)`` adds the decoded updates ``ups`` to the stat hashes ``KEYS[first]...`` (one per
-#: update, in order). With an ``out_key`` (the request's ``P out:<request_id>`` hash) an update
+#: out_ttl, meta_key)`` adds the decoded updates ``ups`` to the stat hashes ``KEYS[first]...``
+#: (one per update, in order) and bumps ``rev:<stat key>`` in ``meta_key`` for each it changes. With an ``out_key`` (the request's ``P out:<request_id>`` hash) an update
 #: carrying a group ``g`` follows the one-observation max rule of :mod:`orchestrator.rewards`:
 #: group absent -> full observation and ``g`` -> r stored; ``r > stored`` -> only the reward
 #: sums move by ``w (r - stored)`` (Beta: ``a += w d``, ``b -= w d``) and r is stored; else
 #: nothing. Rewards are stored with ``%.17g`` so a replayed r compares equal to itself
 #: (idempotent). Returns how many updates changed something.
 STATS_LUA = """
-local function apply_stats(ups, first, out_key, out_ttl)
+local function apply_stats(ups, first, out_key, out_ttl, meta_key)
   local changed = 0
   local touched = false
   for n, u in ipairs(ups) do
@@ -274,6 +289,7 @@ local function apply_stats(ups, first, out_key, out_ttl)
     end
     if go then
       changed = changed + 1
+      redis.call('HINCRBY', meta_key, 'rev:' .. key, 1)
       if u.t == 'lin' then
         local idx = u.i
         local val = u.v
@@ -317,7 +333,7 @@ if ARGV[1] ~= '' then
 end
 local out_key = nil
 if ARGV[6] ~= '' then out_key = KEYS[4] end
-apply_stats(cjson.decode(ARGV[3]), 5, out_key, tonumber(ARGV[6]))
+apply_stats(cjson.decode(ARGV[3]), 5, out_key, tonumber(ARGV[6]), KEYS[2])
 redis.call('HINCRBY', KEYS[2], 'version', 1)
 if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'type', 'feedback', 'data', ARGV[4])
@@ -525,6 +541,19 @@ class RedisBanditStore:
             raise self._unavailable(exc) from exc
         return int(v or 0)
 
+    def revisions(self, components: Sequence[str]) -> tuple[str, list[int]]:
+        """The meta's ``gen`` (a log rebuild or a migration bumps it) and ``rev:<stat key>``
+        of each component's linear statistics (every update that changes the hash bumps it,
+        in the same script), in one ``HMGET``: a selector reloads only the components whose
+        pair changed."""
+        fields = ["gen", *(f"rev:{self.key('bandit', 'lin', c)}" for c in components)]
+        try:
+            raw = guarded_read(self.breaker, lambda: self.client.hmget(self.meta_key, fields))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self._unavailable(exc) from exc
+        gen = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0] or "0")
+        return gen, [int(x or 0) for x in raw[1:]]
+
     def _hgetall_many(self, keys: Sequence[str]) -> list[dict[Any, Any]]:
         """``HGETALL`` of each key in one round trip (no transaction needed: reads only)."""
         def read() -> list[dict[Any, Any]]:
@@ -542,25 +571,7 @@ class RedisBanditStore:
         if self._checked and self.refresh_compat() == "incompatible":
             return {c: LinearStats.empty(self.dim) for c in components}  # priors
         raw = self._hgetall_many([self.key("bandit", "lin", c) for c in components])
-        out: dict[str, LinearStats] = {}
-        for c, h in zip(components, raw):
-            st = LinearStats.empty(self.dim)
-            for k, v in h.items():
-                k = k.decode() if isinstance(k, bytes) else k
-                val = float(v)
-                if k[0] == "A":
-                    _, i, j = k.split(":")
-                    ii, jj = int(i), int(j)
-                    st.A[ii, jj] = val
-                    st.A[jj, ii] = val
-                elif k[0] == "b":
-                    st.b[int(k[2:])] = val
-                elif k == "n":
-                    st.n = val
-                elif k == "w":
-                    st.w = val
-            out[c] = st
-        return out
+        return {c: _parse_linear(h, self.dim) for c, h in zip(components, raw)}
 
     def load_beta(self, template_ids: Sequence[str]) -> dict[str, BetaStats]:
         if self._checked and self.refresh_compat() == "incompatible":
@@ -592,6 +603,37 @@ class RedisBanditStore:
                           for k in self.client.scan_iter(match=base + "*", count=500))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc) from exc
+
+
+@lru_cache(maxsize=8)
+def _linear_layout(dim: int) -> dict[Any, int]:
+    """Field name (bytes and str) -> flat index of a linear stat hash of ``dim``: ``A:i:j``
+    (i <= j) at ``i * dim + j``, ``b:i`` at ``dim * dim + i``, then ``n`` and ``w``."""
+    names: dict[str, int] = {}
+    for i in range(dim):
+        for j in range(i, dim):
+            names[f"A:{i}:{j}"] = i * dim + j
+        names[f"b:{i}"] = dim * dim + i
+    names["n"], names["w"] = dim * dim + dim, dim * dim + dim + 1
+    return {**names, **{k.encode(): v for k, v in names.items()}}
+
+
+def _parse_linear(h: dict[Any, Any], dim: int) -> LinearStats:
+    """A ``bandit:lin:<component>`` hash as statistics, vectorised: a refresh reads
+    ``dim (dim + 1) / 2 + dim + 2`` fields per component, and a per-field Python loop was
+    most of a refresh's cost. Fields outside the layout are ignored."""
+    layout = _linear_layout(dim)
+    if not all(k in layout for k in h):
+        h = {k: v for k, v in h.items() if k in layout}
+    flat = np.zeros(dim * dim + dim + 2)
+    if h:
+        idx = np.fromiter(map(layout.__getitem__, h), np.intp, len(h))
+        flat[idx] = np.fromiter(map(float, h.values()), float, len(h))
+    upper = flat[:dim * dim].reshape(dim, dim)
+    A = upper + upper.T
+    A[np.diag_indices(dim)] = np.diag(upper)
+    return LinearStats(n=float(flat[-2]), w=float(flat[-1]), A=A,
+                       b=flat[dim * dim:dim * dim + dim].copy())
 
 
 #: See :meth:`RedisBanditStore.check_schema`. KEYS: 1 meta hash. ARGV: schema version, dim,

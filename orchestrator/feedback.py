@@ -48,7 +48,7 @@ for n = 7, 6 + n_exec do
 end
 local ups = cjson.decode(ARGV[5])
 if #ups > 0 then
-  apply_stats(ups, 6, KEYS[5], tonumber(ARGV[2]))
+  apply_stats(ups, 6, KEYS[5], tonumber(ARGV[2]), KEYS[4])
   redis.call('HINCRBY', KEYS[4], 'version', 1)
 end
 return 1

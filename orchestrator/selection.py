@@ -357,7 +357,10 @@ class LinearThompsonSelector(_ThompsonBase):
         self.state_version_ = -1
         self._loaded_at = 0.0
         self._refreshing = False
-        self._stats_cache: dict[str, Any] = {}
+        #: component -> (its revision, its statistics) as last loaded; valid while the
+        #: store's generation is ``_gen`` (see :meth:`refresh`)
+        self._stats_cache: dict[str, tuple[int, LinearStats]] = {}
+        self._gen: str | None = None
         #: component -> (the bytes of the ``A`` it inverts, (lam I + A)^-1)
         self._inverse_cache: dict[str, tuple[bytes, np.ndarray]] = {}
 
@@ -405,10 +408,24 @@ class LinearThompsonSelector(_ThompsonBase):
         return _Posterior(inv @ (st.b + self.ridge * prior), self.exploration ** 2 * inv, st.n)
 
     def refresh(self, arms: Sequence[ArmSpec]) -> None:
-        """Reload statistics for ``arms`` from the store and recompute their posteriors."""
+        """Reload statistics for ``arms`` from the store and recompute their posteriors.
+
+        Only the components whose revision changed are read (one search changes the few arms
+        it ran; a rebuild or migration changes the generation, and everything is read). The
+        revisions are read before the statistics, so a write in between makes the cache
+        older than its revision, never newer: the next refresh reads that component again."""
         version = self.store.version()
         comps = self._components(arms)
-        stats = self.store.load_linear(comps)
+        gen, revs = self.store.revisions(comps)
+        if gen != self._gen:
+            self._stats_cache.clear()
+            self._gen = gen
+        changed = [(c, r) for c, r in zip(comps, revs)
+                   if self._stats_cache.get(c, (None,))[0] != r]
+        if changed:
+            loaded = self.store.load_linear([c for c, _ in changed])
+            self._stats_cache.update((c, (r, loaded[c])) for c, r in changed)
+        stats = {c: self._stats_cache[c][1] for c in comps}
         posts = self._compute(stats, arms)
         self.posteriors_ = {**self.posteriors_, **posts}
         self.state_version_ = version

@@ -197,6 +197,10 @@ class DownStore(InMemoryBanditStore):
         self._check()
         return super().version()
 
+    def revisions(self, components):
+        self._check()
+        return super().revisions(components)
+
     def load_linear(self, components):
         self._check()
         return super().load_linear(components)
