@@ -174,6 +174,8 @@ class PolicySpec:
     retrain: bool = True
     ranker: bool = True
     budget_mode: str | None = None
+    #: ``bandit.budget_cost_per_candidate`` of the policy (None: the settings' value).
+    budget_cost: float | None = None
     #: Seeds (selector, request ids) of this policy (default: its own name); ablations
     #: share ``ours``'s.
     seed_as: str | None = None
@@ -201,11 +203,13 @@ ABLATIONS: tuple[PolicySpec, ...] = (
     PolicySpec("ours_no_neighbours", "ours", neighbours=False, seed_as="ours"),
     PolicySpec("ours_no_chains", "ours", chains=False, seed_as="ours"),
     PolicySpec("ours_no_intent_split", "ours", intent_split=False, seed_as="ours"),
+    # Learned budget levels chosen on success alone (no charge per candidate).
+    PolicySpec("ours_budget_cost0", "ours", budget_cost=0.0, seed_as="ours"),
 )
 
 #: Available by name, not in the default set.
 NOT_DEFAULT = frozenset({"all_arms", "ours_no_retrain", "ours_no_neighbours",
-                         "ours_no_intent_split", "ours_no_chains"})
+                         "ours_no_intent_split", "ours_no_chains", "ours_budget_cost0"})
 
 
 def is_static(spec: PolicySpec) -> bool:

@@ -37,7 +37,8 @@ rounds and the chain (move_events, estimate_examination, rebuild_posteriors, tra
 train_qu only with ``train_qu``, on a per-policy copy of the QU folder, never served: the
 understander is shared) every ``retrain_every`` rounds. Ablations share ``ours``'s seeds:
 ``ours_no_memory`` (no memory updates; its clone still serves the seeded pairs),
-``ours_equal_budgets`` (bandit ``budget_mode="equal"``), ``ours_no_neighbours`` (the memory
+``ours_equal_budgets`` (bandit ``budget_mode="equal"``), ``ours_budget_cost0`` (learned
+levels with ``budget_cost_per_candidate=0``, not in the default set), ``ours_no_neighbours`` (the memory
 proposes no neighbours of clicked items), ``ours_no_intent_split`` (the ranker's features
 have no ``|browse`` copies, ``rescorer.intent_split`` off), ``ours_no_rescorer`` (no
 train_ranker, default rescorer) and, by name only, ``ours_no_retrain``.
@@ -549,6 +550,8 @@ class Simulation:
                                   "refresh_interval_s": 0.0}
         if spec.budget_mode:
             bandit["budget_mode"] = spec.budget_mode
+        if spec.budget_cost is not None:
+            bandit["budget_cost_per_candidate"] = spec.budget_cost
         if spec.kind == "ours" and c.uniform_share > 0:
             bandit["uniform_share"] = c.uniform_share
         selector: Any = None

@@ -329,3 +329,25 @@ def test_followup_lookups_feed_the_query_chains_of_ours_only(es, redis_client, r
         assert learned_title_pairs("ours") > learned_title_pairs("ours_no_chains")
     finally:
         sim.cleanup()
+
+
+def test_budget_ablations_reach_the_policy_selectors(es, redis_client, redis_prefix, settings,
+                                                     catalog_slice, sources):
+    """ours_budget_cost0 and ours_equal_budgets differ from ours by their budget rule only:
+    the built orchestrators' budget learners carry it."""
+    from orchestrator.simulation.policies import standard_policies
+
+    cfg = _config(redis_prefix, rounds=1, policies=["ours"], oracle=False)
+    sim = Simulation(cfg, settings, es=es, redis=redis_client, alias=catalog_slice, sources=sources)
+    specs = {s.name: s for s in standard_policies(
+        ["lexical.v2"], total_budget=60, include=["ours", "ours_budget_cost0", "ours_equal_budgets"])}
+    try:
+        learners = {name: sim._build(spec, index=i).selector.budgets_
+                    for i, (name, spec) in enumerate(specs.items())}
+    finally:
+        sim.cleanup()
+    assert learners["ours"].cost_per_candidate == settings.bandit.budget_cost_per_candidate > 0
+    assert learners["ours"].mode == "learned"
+    assert learners["ours_budget_cost0"].cost_per_candidate == 0.0
+    assert learners["ours_budget_cost0"].mode == "learned"
+    assert learners["ours_equal_budgets"].mode == "equal"

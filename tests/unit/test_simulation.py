@@ -324,6 +324,8 @@ def test_standard_policies_share_the_budget_except_all_arms():
     specs = {s.name: s for s in standard_policies(arms, total_budget=60,
                                                   include=[*default, "all_arms", "ours_no_retrain"])}
     assert not specs["ours_no_retrain"].retrain
+    cost0 = standard_policies(arms, total_budget=60, include=["ours_budget_cost0"])[0]
+    assert cost0.budget_cost == 0.0 and cost0.budget_mode is None and cost0.seed_as == "ours"
     assert specs["hybrid_rrf"].plan == {"lexical.v2": 30, "semantic.v1": 30}
     assert specs["hybrid_rrf"].rescorer == "rrf"
     assert all(s.max_candidates(60) == 60 for n, s in specs.items() if n != "all_arms")
