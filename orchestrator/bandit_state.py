@@ -254,8 +254,9 @@ class InMemoryBanditStore:
 #: Lua function shared by every script that writes statistics (the feedback apply below and
 #: the impression write of :mod:`orchestrator.feedback`). ``apply_stats(ups, first, out_key,
 #: out_ttl, meta_key)`` adds the decoded updates ``ups`` to the stat hashes ``KEYS[first]...``
-#: (one per update, in order) and bumps ``rev:<stat key>`` in ``meta_key`` for each it changes. With an ``out_key`` (the request's ``P out:<request_id>`` hash) an update
-#: carrying a group ``g`` follows the one-observation max rule of :mod:`orchestrator.rewards`:
+#: (one per update, in order) and bumps ``rev:<stat key>`` in ``meta_key`` for each it
+#: changes. With an ``out_key`` (the request's ``P out:<request_id>`` hash) an update carrying
+#: a group ``g`` follows the one-observation max rule of :mod:`orchestrator.rewards`:
 #: group absent -> full observation and ``g`` -> r stored; ``r > stored`` -> only the reward
 #: sums move by ``w (r - stored)`` (Beta: ``a += w d``, ``b -= w d``) and r is stored; else
 #: nothing. Rewards are stored with ``%.17g`` so a replayed r compares equal to itself
@@ -545,7 +546,7 @@ class RedisBanditStore:
         """The meta's ``gen`` (a log rebuild or a migration bumps it) and ``rev:<stat key>``
         of each component's linear statistics (every update that changes the hash bumps it,
         in the same script), in one ``HMGET``: a selector reloads only the components whose
-        pair changed."""
+        revision, or the generation, changed."""
         fields = ["gen", *(f"rev:{self.key('bandit', 'lin', c)}" for c in components)]
         try:
             raw = guarded_read(self.breaker, lambda: self.client.hmget(self.meta_key, fields))

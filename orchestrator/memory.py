@@ -145,29 +145,25 @@ def pair_document(query_key: str, item_id: str, *, item: Mapping[str, Any], prio
                   clicks: float, examinations: float, source: str, prior_strength: float,
                   min_score: float, last_event: str | None = None) -> dict[str, Any]:
     """The memory-index document of one pair (score and ``active`` recomputed)."""
-    score = memory_score(clicks, examinations, prior=prior, prior_strength=prior_strength)
-    doc = {"query_key": query_key, "item_id": item_id,
-           "entity_type": item.get("entity_type") or item_id.split(":", 1)[0],
-           "prior": round(prior, 6), "clicks": round(clicks, 6),
-           "examinations": round(examinations, 6), "score": round(score, 6),
-           "active": score >= min_score, "source": source, "updated": _now_iso(),
-           "item": dict(item)}
-    if last_event:
-        doc["last_event"] = last_event
-    return doc
+    return {"query_key": query_key, "item_id": item_id,
+            "entity_type": item.get("entity_type") or item_id.split(":", 1)[0],
+            "prior": round(prior, 6), "source": source, "item": dict(item),
+            **pair_evidence(prior=prior, clicks=clicks, examinations=examinations,
+                            prior_strength=prior_strength, min_score=min_score,
+                            last_event=last_event)}
 
 
 def pair_evidence(*, prior: float, clicks: float, examinations: float, prior_strength: float,
                   min_score: float, last_event: str | None = None) -> dict[str, Any]:
-    """The fields of a pair document that its evidence changes (a partial update: the
-    document's key, ``item`` copy and provenance stay as they are)."""
-    doc = pair_document("", "", item={"entity_type": "-"}, prior=prior, clicks=clicks,
-                        examinations=examinations, source="", prior_strength=prior_strength,
-                        min_score=min_score, last_event=last_event)
-    return {k: doc[k] for k in _EVIDENCE_FIELDS if k in doc}
-
-
-_EVIDENCE_FIELDS = ("clicks", "examinations", "score", "active", "updated", "last_event")
+    """The fields of a pair document that its evidence changes (what a partial update
+    writes: the document's key, ``item`` copy and provenance stay as they are)."""
+    score = memory_score(clicks, examinations, prior=prior, prior_strength=prior_strength)
+    doc: dict[str, Any] = {"clicks": round(clicks, 6), "examinations": round(examinations, 6),
+                           "score": round(score, 6), "active": score >= min_score,
+                           "updated": _now_iso()}
+    if last_event:
+        doc["last_event"] = last_event
+    return doc
 
 
 # -- events -> per-pair evidence (pure) ----------------------------------------------------------
