@@ -19,11 +19,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import redis
 from elasticsearch import Elasticsearch, helpers
 
@@ -34,16 +37,28 @@ logger = logging.getLogger(__name__)
 _LIFTED = ("request_id", "item_id", "action", "rank", "query", "query_key", "intent")
 
 
-def event_document(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
-    """The events-index document of one stream entry (training fields lifted to the top)."""
+def _parse(raw: str | bytes | None) -> tuple[dict[str, Any], bool]:
+    """The stream entry's ``data`` as a dict, and whether it is ``raw`` itself (a JSON object
+    orjson reads, so the raw bytes can be the stored payload unchanged)."""
+    if raw is None or raw == "" or raw == b"":
+        return {}, False
     try:
-        data = json.loads(fields.get("data") or "{}")
-    except json.JSONDecodeError:
-        data = {"raw": fields.get("data")}
+        data = orjson.loads(raw)
+        exact = isinstance(data, dict)
+    except orjson.JSONDecodeError:  # e.g. NaN, which the standard library writes and reads
+        exact = False
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {"raw": raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw}, False
     if not isinstance(data, dict):
-        data = {"value": data}
-    doc: dict[str, Any] = {"event_id": entry_id, "type": fields.get("type", "unknown"),
-                           "payload": data}
+        return {"value": data}, False
+    return data, exact
+
+
+def _lifted(entry_id: str, type_: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The indexed top-level fields of one event (all but ``payload``)."""
+    doc: dict[str, Any] = {"event_id": entry_id, "type": type_}
     # Stream ids start with the Redis server's millisecond clock; store ISO so the date
     # field never has to guess seconds from milliseconds.
     doc["ts"] = data.get("ts") or _dt.datetime.fromtimestamp(
@@ -61,6 +76,44 @@ def event_document(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
     if isinstance(arms, list):
         doc["arms"] = [a if isinstance(a, str) else str(a.get("template_id") or a.get("arm")) for a in arms]
     return doc
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``null``: Elasticsearch refuses them, and an entry
+    it refuses would stay pending for ever."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def event_document(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
+    """The events-index document of one stream entry (training fields lifted to the top,
+    the whole event under ``payload``)."""
+    data, exact = _parse(fields.get("data"))
+    doc = _lifted(entry_id, fields.get("type", "unknown"), data)
+    doc["payload"] = data
+    return doc if exact else _finite(doc)
+
+
+def event_source(entry_id: str, fields: Mapping[str, str | bytes]) -> bytes:
+    """:func:`event_document` serialised, for the bulk body. The payload (most of an
+    impression's bytes) is the entry's own JSON spliced in unchanged when it is an object
+    orjson reads, so it is parsed once (for the lifted fields) and never re-encoded."""
+    raw = fields.get("data")
+    data, exact = _parse(raw)
+    type_ = fields.get("type", "unknown")
+    doc = _lifted(entry_id, type_.decode() if isinstance(type_, bytes) else type_, data)
+    if not exact:  # not what orjson reads (NaN, integers past 64 bits, not an object)
+        doc["payload"] = data
+        return json.dumps(_finite(doc), default=str, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8", "surrogatepass")
+    head = orjson.dumps(doc, default=str)
+    body = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    return b"".join((head[:-1], b',"payload":', body.strip(), b"}"))
 
 
 @dataclass
@@ -125,9 +178,10 @@ class EventMover:
 
         actions = []
         for eid, fields in entries:
-            doc = event_document(s(eid), {s(k): s(v) for k, v in fields.items()})
-            actions.append({"_op_type": "index", "_index": self.alias, "_id": doc["event_id"],
-                            "_source": doc})
+            entry_id = s(eid)
+            source = event_source(entry_id, {s(k): v for k, v in fields.items()})
+            actions.append({"_op_type": "index", "_index": self.alias, "_id": entry_id,
+                            "_source": source})
         ok_ids: list[str] = []
         failed = 0
         for ok, info in helpers.streaming_bulk(self.es, actions, raise_on_error=False,

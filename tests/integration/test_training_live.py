@@ -4,6 +4,7 @@ rescorer retrained, promoted and picked up by running orchestrators."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -269,3 +270,35 @@ def test_a_selector_reloads_only_changed_components_and_agrees_with_a_full_reloa
     sel.refresh(arms)
     assert sorted(reads[0]) == sorted(comps)
     agrees()
+
+
+def test_the_mover_stores_each_entry_as_its_event_document(es, redis_client, redis_prefix,
+                                                           settings, build, events_alias):
+    """The bulk body splices the entry's own JSON in as the payload (and falls back to the
+    standard library for what orjson refuses): what Elasticsearch stores is the document.
+    An entry with NaN (which Elasticsearch refuses) is stored with null, not left pending."""
+    from orchestrator.event_log import event_document
+
+    rng = np.random.default_rng(7)
+    simulate(build(), 5, rng)  # real impressions and feedback, as the product writes them
+    stream = f"{redis_prefix}events"
+    odd = [{"type": "feedback", "data": '{"request_id": "r-nan", "value": NaN}'},
+           {"type": "feedback", "data": '{"request_id": "r-big", "n": 1180591620717411303424}'},
+           {"type": "other", "data": "[1, 2]"}, {"type": "other", "data": "{broken"}]
+    for fields in odd:
+        redis_client.xadd(stream, fields)
+    entries = redis_client.xrange(stream)
+    res = EventMover(redis_client, es, stream=stream, alias=events_alias,
+                     mappings_dir=settings.ingest.mappings_dir).move()
+    assert res.moved == len(entries) and res.failed == 0
+    for eid, fields in entries:
+        eid = eid.decode()
+        want = json.loads(json.dumps(  # the document as JSON, as Elasticsearch returns it
+            event_document(eid, {k.decode(): v.decode() for k, v in fields.items()})))
+        got = es.get(index=events_alias, id=eid)["_source"]
+        want_payload, got_payload = want.pop("payload"), got.pop("payload")
+        assert got == want
+        if "r-big" not in str(fields):  # orjson reads 2**70 as a float; the store keeps the int
+            assert json.dumps(got_payload, sort_keys=True) == json.dumps(want_payload, sort_keys=True)
+        else:
+            assert got_payload["n"] == 2 ** 70
