@@ -9,11 +9,49 @@ capabilities come from ``_cluster/health`` and ``_nodes/plugins``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 from elasticsearch import Elasticsearch, TransportError
+from elasticsearch.serializer import JsonSerializer, NdjsonSerializer
 
 from .errors import ServiceUnavailableError
 from .settings import EsSettings
+
+_ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+class _OrjsonCoding:
+    """orjson for request and response bodies (the client's own ``OrjsonSerializer`` covers
+    ``application/json`` only; searches and bulks are NDJSON). Anything orjson refuses
+    (integers past 64 bits, NaN in a response) falls back to the standard library, so a body
+    the default serializer accepts is never refused."""
+
+    def json_dumps(self, data: Any) -> bytes:
+        try:
+            return orjson.dumps(data, default=self.default, option=_ORJSON_OPTIONS)  # type: ignore[attr-defined]
+        except TypeError:
+            return super().json_dumps(data)  # type: ignore[misc]
+
+    def json_loads(self, data: bytes) -> Any:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return super().json_loads(data)  # type: ignore[misc]
+
+
+class OrjsonJsonSerializer(_OrjsonCoding, JsonSerializer):
+    pass
+
+
+class OrjsonNdjsonSerializer(_OrjsonCoding, NdjsonSerializer):
+    pass
+
+
+#: Passed to every client: the client copies them to the compatibility-mode mimetypes the
+#: 9.x client sends and receives.
+SERIALIZERS = {JsonSerializer.mimetype: OrjsonJsonSerializer(),
+               NdjsonSerializer.mimetype: OrjsonNdjsonSerializer()}
 
 
 def build_client(settings: EsSettings) -> Elasticsearch:
@@ -23,6 +61,7 @@ def build_client(settings: EsSettings) -> Elasticsearch:
         "verify_certs": settings.verify_certs,
         "max_retries": 2,
         "retry_on_timeout": True,
+        "serializers": SERIALIZERS,
     }
     if settings.api_key:
         kwargs["api_key"] = settings.api_key
