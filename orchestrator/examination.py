@@ -250,6 +250,12 @@ def _pav_non_increasing(values: Sequence[float], weights: Sequence[float]) -> li
     return out
 
 
+#: Impression payload fields :func:`swap_counts` never reads (``load_events(...,
+#: exclude_payload=...)``): it needs the shown ids, ``swap``, ``degraded`` and the feedback.
+UNREAD_PAYLOAD = ("shown.features", "shown.provenance", "shown.arms", "feature_names",
+                  "decision", "selection")
+
+
 def swap_counts(events: Iterable[Mapping[str, Any]], *, max_position: int,
                 positive_actions: Iterable[str] = POSITIVE_ACTIONS) -> dict[str, Any]:
     """The sufficient statistics of :func:`estimate_from_events` (pure): per position ``k``

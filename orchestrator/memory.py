@@ -395,9 +395,11 @@ def interactions_from_events(events: Iterable[Mapping[str, Any]]) -> list[Intera
 
 def load_interactions(es: Elasticsearch, events_alias: str) -> list[Interaction]:
     """Interactions of the Elasticsearch events alias (see :func:`interactions_from_events`)."""
-    from .training import load_events
+    from .training import RANKING_FEATURES, load_events, paused_gc
 
-    return interactions_from_events(load_events(es, events_alias=events_alias))
+    with paused_gc():
+        return interactions_from_events(load_events(es, events_alias=events_alias,
+                                                    exclude_payload=RANKING_FEATURES))
 
 
 # -- the index -------------------------------------------------------------------------------
@@ -1107,7 +1109,7 @@ def rebuild_memory(es: Elasticsearch, redis_client: redis_lib.Redis, *, events_a
                    **updater_kwargs: Any) -> dict[str, Any]:
     """Recompute every learned pair from the log (events index + stream up to what the
     updater has applied), with decay; see the module docstring. Holds the memory lock."""
-    from .training import load_events, merge_events
+    from .training import RANKING_FEATURES, load_events, merge_events, paused_gc
 
     t0 = time.perf_counter()
     up = MemoryUpdater(redis_client, es, prefix=prefix, memory_alias=memory_alias,
@@ -1117,18 +1119,22 @@ def rebuild_memory(es: Elasticsearch, redis_client: redis_lib.Redis, *, events_a
         drained = up.run_locked(token, max_batches=10_000)
         upto = _last_delivered(redis_client, up.stream)
         limit = _key(upto) if upto else (-1, -1)
-        live = [_decode_entry(eid, f) for eid, f in redis_client.xrange(up.stream, max=upto)
-                if f] if upto else []
-        events = [e for e in merge_events(live, load_events(es, events_alias=events_alias))
-                  if _key(e.get("event_id")) <= limit]
-        t_now = now if now is not None else (limit[0] / 1000.0 if upto else time.time())
-        agg = aggregate(events, examination=up.examination, action_weights=up.action_weights,
-                        skip_weight=up.skip_weight, now=t_now, half_life_days=half_life_days,
-                        chain_weight=up.chain_weight)
+        with paused_gc():  # the whole log is live while it is aggregated: see paused_gc
+            live = [_decode_entry(eid, f) for eid, f in redis_client.xrange(up.stream, max=upto)
+                    if f] if upto else []
+            events = [e for e in merge_events(live, load_events(
+                es, events_alias=events_alias, exclude_payload=RANKING_FEATURES))
+                      if _key(e.get("event_id")) <= limit]
+            t_now = now if now is not None else (limit[0] / 1000.0 if upto else time.time())
+            agg = aggregate(events, examination=up.examination, action_weights=up.action_weights,
+                            skip_weight=up.skip_weight, now=t_now, half_life_days=half_life_days,
+                            chain_weight=up.chain_weight)
+            n_events = len(events)
+            del live, events  # freed by reference counting, before the collector resumes
         res = _rewrite(es, redis_client, up, agg, upto=upto, now=t_now)
         up._renew(token)
     es.indices.refresh(index=memory_alias)
-    return {"events": len(events), "pairs": len(agg), "upto": upto, "drained": drained.events,
+    return {"events": n_events, "pairs": len(agg), "upto": upto, "drained": drained.events,
             **res, "seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -90,15 +90,16 @@ def run_train_memory(s: OrchestratorSettings, es: Any, r: Any) -> dict[str, Any]
 def run_estimate_examination(s: OrchestratorSettings, es: Any, r: Any) -> dict[str, Any]:
     """Estimate the examination model from the swap interventions of the events index and
     store it in Redis (:mod:`orchestrator.examination`); idempotent (the log decides)."""
-    from .examination import estimate_from_events
-    from .training import load_events
+    from .examination import UNREAD_PAYLOAD, estimate_from_events
+    from .training import load_events, paused_gc
 
-    events = load_events(es, events_alias=s.es.events_alias)
-    if not any(ev.get("type") == "impression" for ev in events):
-        return {"skipped": "no impressions in the events index yet"}
-    x = s.examination
-    model = estimate_from_events(events, max_position=x.max_position,
-                                 prior_strength=x.prior_strength)
+    with paused_gc():
+        events = load_events(es, events_alias=s.es.events_alias, exclude_payload=UNREAD_PAYLOAD)
+        if not any(ev.get("type") == "impression" for ev in events):
+            return {"skipped": "no impressions in the events index yet"}
+        x = s.examination
+        model = estimate_from_events(events, max_position=x.max_position,
+                                     prior_strength=x.prior_strength)
     version = model.save(r, prefix=s.redis.key_prefix)
     meta = model.meta
     return {"version": version, "events": len(events), "impressions": meta["impressions"],

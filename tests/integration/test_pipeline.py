@@ -147,15 +147,26 @@ def test_learning_shifts_propensities_per_query_type(make_orch, known_titles):
                 orch.feedback(resp.request_id, *acted)
 
     after_known, after_genre = propensities("Blinding Lights"), propensities("jazz")
-    # The helpful arm is (almost) always included, the other one rarely.
+    # The helpful arm is (almost) always included, the other one less often than before. How
+    # much less follows its learned net marginal value against selection.DEFAULT_THRESHOLD:
+    # genre_popular is worth ~0 for titles (propensity ~0.2), lexical still ~0.2 for genre
+    # words (it finds popular tracks with the genre in their title, and gets their share),
+    # so the subset rule keeps it about half the time, as it is meant to. (This test used to
+    # demand <= 0.35 for both: run alone it failed 10 times in 10 with 0.49-0.52, before and
+    # after the change that found it, and passed in some full-suite orders.)
     assert after_known["lexical.v1"] >= 0.9, after_known
     assert after_known["genre_popular.v1"] <= 0.35, (before_known, after_known)
     assert after_genre["genre_popular.v1"] >= 0.9, after_genre
-    assert after_genre["lexical.v1"] <= 0.35, (before_genre, after_genre)
-    means_known = orch.selector.expectations(
-        orch.featurizer.transform(orch.understander.parse("Blinding Lights"), orch_ctx, "Blinding Lights"),
-        orch.eligible_arms(None))
-    assert means_known["lexical.v1"] > means_known["genre_popular.v1"] + 0.3
+    assert after_genre["lexical.v1"] <= before_genre["lexical.v1"] - 0.15, (before_genre, after_genre)
+
+    def means(query: str) -> dict[str, float]:
+        return orch.selector.expectations(
+            orch.featurizer.transform(orch.understander.parse(query), orch_ctx, query),
+            orch.eligible_arms(None))
+
+    means_known, means_genre = means("Blinding Lights"), means("jazz")
+    assert means_known["lexical.v1"] > means_known["genre_popular.v1"] + 0.3, means_known
+    assert means_genre["genre_popular.v1"] > means_genre["lexical.v1"] + 0.3, means_genre
 
 
 def test_two_instances_share_posterior_updates(make_orch):

@@ -302,3 +302,48 @@ def test_the_mover_stores_each_entry_as_its_event_document(es, redis_client, red
             assert json.dumps(got_payload, sort_keys=True) == json.dumps(want_payload, sort_keys=True)
         else:
             assert got_payload["n"] == 2 ** 70
+
+
+def test_jobs_read_the_log_without_the_fields_they_never_use(es, redis_client, redis_prefix,
+                                                             settings, build, events_alias):
+    """``load_events(exclude_payload=...)`` leaves fields in Elasticsearch: the events are the
+    full ones without them, and the examination estimate and the bandit rebuild computed from
+    them equal those from the full events (the jobs read them this way)."""
+    from orchestrator.examination import UNREAD_PAYLOAD, estimate_from_events
+    from orchestrator.training import RANKING_FEATURES
+
+    rng = np.random.default_rng(11)
+    running = build()
+    simulate(running, 40, rng)
+    EventMover(redis_client, es, stream=f"{redis_prefix}events", alias=events_alias,
+               mappings_dir=settings.ingest.mappings_dir).move()
+    full = load_events(es, events_alias=events_alias)
+    assert any(e["type"] == "impression" and e["shown"][0].get("features") for e in full)
+
+    def without(ev: dict, fields: tuple[str, ...]) -> dict:
+        ev = json.loads(json.dumps(ev))
+        for f in fields:
+            head, _, leaf = f.partition(".")
+            if not leaf:
+                ev.pop(head, None)
+            else:
+                for x in ev.get(head) or ():
+                    x.pop(leaf, None)
+        return ev
+
+    for fields in (RANKING_FEATURES, UNREAD_PAYLOAD):
+        slim = load_events(es, events_alias=events_alias, exclude_payload=fields)
+        assert slim == [without(e, fields) for e in full]
+        assert len(json.dumps(slim)) < 0.6 * len(json.dumps(full))  # what it saves
+    x = settings.examination
+    want = estimate_from_events(full, max_position=x.max_position, prior_strength=x.prior_strength)
+    got = estimate_from_events(load_events(es, events_alias=events_alias,
+                                           exclude_payload=UNREAD_PAYLOAD),
+                               max_position=x.max_position, prior_strength=x.prior_strength)
+    assert got.theta == want.theta and got.meta == want.meta
+    dim = running.store.dim
+    slim = load_events(es, events_alias=events_alias, exclude_payload=RANKING_FEATURES)
+    a = rebuild_posteriors(full, now=time.time(), half_life_days=None, dim=dim)
+    b = rebuild_posteriors(slim, now=a["meta"]["now"], half_life_days=None, dim=dim)
+    assert_stats_close(b["linear"], a["linear"], rtol=0, atol=0)
+    assert b["meta"] == a["meta"]
