@@ -20,24 +20,14 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import orjson
 import redis
 
 from .bandit_state import STATS_LUA, RedisBanditStore, StatUpdate
+from .decoding import loads
 from .errors import ServiceUnavailableError, UnknownRequestError
 from .redis_client import Breaker, guarded_read
 
 logger = logging.getLogger(__name__)
-
-
-def _loads(raw: str | bytes) -> Any:
-    """A stream entry's JSON: orjson (several times faster on impressions), the standard
-    library for what orjson refuses (NaN and infinities, which ``json.dumps`` writes). An
-    integer past 64 bits reads as the nearest float, as the Elasticsearch client reads it."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
 
 
 _SEP = "\x1f"
@@ -202,7 +192,7 @@ class FeedbackLog:
         for entry_id, fields in raw:
             f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
                  for k, v in fields.items()}
-            data = _loads(f.get("data", "{}"))
+            data = loads(f.get("data", "{}"))
             data["type"] = f.get("type")
             data["event_id"] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             out.append(data)

@@ -80,6 +80,7 @@ from typing import Any
 import redis as redis_lib
 from elasticsearch import Elasticsearch, NotFoundError, helpers
 
+from .decoding import loads, paused_gc
 from .examination import ExaminationModel
 from .redis_client import Breaker, guarded_read
 from .text import normalize_query
@@ -395,7 +396,7 @@ def interactions_from_events(events: Iterable[Mapping[str, Any]]) -> list[Intera
 
 def load_interactions(es: Elasticsearch, events_alias: str) -> list[Interaction]:
     """Interactions of the Elasticsearch events alias (see :func:`interactions_from_events`)."""
-    from .training import RANKING_FEATURES, load_events, paused_gc
+    from .training import RANKING_FEATURES, load_events
 
     with paused_gc():
         return interactions_from_events(load_events(es, events_alias=events_alias,
@@ -679,7 +680,9 @@ class MemoryUpdater:
                     pending = False
                     continue
                 break
-            self.apply(entries, res)
+            with paused_gc():  # a batch is thousands of decoded entries: orchestrator.decoding
+                self.apply(entries, res)
+                del resp, entries  # freed by reference counting, before the collector resumes
             res.batches += 1
             self._renew(token)
         return res
@@ -934,14 +937,14 @@ def _decode_entry(entry_id: Any, fields: Mapping[Any, Any]) -> dict[str, Any]:
         if mem:
             # The compact record (orchestrator.feedback.compact_impression): all the updater needs.
             try:
-                data = json.loads(mem)
+                data = loads(mem)
                 data["shown"] = [(str(i), int(r)) for i, r in data.get("shown") or ()]
                 data["type"], data["event_id"] = "impression", eid
                 return data
-            except (json.JSONDecodeError, TypeError, ValueError):
+            except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
                 pass  # fall back to the full event
     try:
-        data = json.loads(_field(fields, "data") or "{}")
+        data = loads(_field(fields, "data") or "{}")
     except json.JSONDecodeError:
         data = {}
     if not isinstance(data, dict):
@@ -1109,7 +1112,7 @@ def rebuild_memory(es: Elasticsearch, redis_client: redis_lib.Redis, *, events_a
                    **updater_kwargs: Any) -> dict[str, Any]:
     """Recompute every learned pair from the log (events index + stream up to what the
     updater has applied), with decay; see the module docstring. Holds the memory lock."""
-    from .training import RANKING_FEATURES, load_events, merge_events, paused_gc
+    from .training import RANKING_FEATURES, load_events, merge_events
 
     t0 = time.perf_counter()
     up = MemoryUpdater(redis_client, es, prefix=prefix, memory_alias=memory_alias,
@@ -1119,7 +1122,7 @@ def rebuild_memory(es: Elasticsearch, redis_client: redis_lib.Redis, *, events_a
         drained = up.run_locked(token, max_batches=10_000)
         upto = _last_delivered(redis_client, up.stream)
         limit = _key(upto) if upto else (-1, -1)
-        with paused_gc():  # the whole log is live while it is aggregated: see paused_gc
+        with paused_gc():  # the whole log is live while it is aggregated: orchestrator.decoding
             live = [_decode_entry(eid, f) for eid, f in redis_client.xrange(up.stream, max=upto)
                     if f] if upto else []
             events = [e for e in merge_events(live, load_events(

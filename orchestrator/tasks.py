@@ -90,8 +90,9 @@ def run_train_memory(s: OrchestratorSettings, es: Any, r: Any) -> dict[str, Any]
 def run_estimate_examination(s: OrchestratorSettings, es: Any, r: Any) -> dict[str, Any]:
     """Estimate the examination model from the swap interventions of the events index and
     store it in Redis (:mod:`orchestrator.examination`); idempotent (the log decides)."""
+    from .decoding import paused_gc
     from .examination import UNREAD_PAYLOAD, estimate_from_events
-    from .training import load_events, paused_gc
+    from .training import load_events
 
     with paused_gc():
         events = load_events(es, events_alias=s.es.events_alias, exclude_payload=UNREAD_PAYLOAD)

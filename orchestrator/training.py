@@ -79,17 +79,15 @@ promoted again.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import fcntl
-import gc
 import hashlib
 import json
 import logging
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -107,6 +105,7 @@ from .bandit_state import (
     export_state,
 )
 from .budgets import level_updates
+from .decoding import paused_gc
 from .errors import InvalidFeedbackError, NotFittedError, OrchestratorError, StateVersionError
 from .examination import ExaminationModel
 from .feedback import FeedbackLog
@@ -177,24 +176,6 @@ def _order(ev: Mapping[str, Any]) -> tuple[Any, ...]:
 #: bytes (~11 KB with 10 shown items). Leaving them in Elasticsearch (``_source`` excludes)
 #: is what lets those jobs decode the log fast; the ranker's training reads them.
 RANKING_FEATURES = ("shown.features", "feature_names")
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """The cyclic garbage collector paused for the block (re-enabled only if it was on).
-
-    Decoding a log allocates millions of containers, none of them in a reference cycle, and
-    each allocation burst triggers collections that traverse them: with the collector on,
-    decoding 5,000 impressions took 4-5x as long here (0.56-0.67 s against 0.14 s). Nothing
-    a paused block allocates is lost: cycles, if any, are collected after it. The pause is
-    process-wide; another thread that resumes it early only costs speed."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def load_events(es: Elasticsearch, *, events_alias: str,
@@ -625,7 +606,7 @@ def rebuild_and_swap(es: Elasticsearch, redis: redis_lib.Redis, *, events_alias:
         if base.dim is not None and base.dim != dim:
             raise StateVersionError(f"bandit state under {prefix!r} has dim={base.dim}; "
                                     f"hash_dim={hash_dim} gives dim={dim}")
-        with paused_gc():  # the whole log is live while it is replayed: see paused_gc
+        with paused_gc():  # the whole log is live while it is replayed: orchestrator.decoding
             # Stream first, then Elasticsearch: see the module docstring.
             live = _stream_events(log, upto=base.upto) if base.upto else []
             events = merge_events(live, load_events(es, events_alias=events_alias,
@@ -942,7 +923,7 @@ def retrain_ranker_from_es(es: Elasticsearch, *, events_alias: str, model_dir: P
                            **kwargs: Any) -> dict[str, Any]:
     """:func:`retrain_ranker` over the events of ``events_alias`` (``now`` defaults to the
     current time; ``kwargs`` as :func:`retrain_ranker`). JSON-able result."""
-    with paused_gc():  # see paused_gc; the fit itself allocates arrays, not containers
+    with paused_gc():  # orchestrator.decoding; the fit allocates arrays, not containers
         events = load_events(es, events_alias=events_alias)
         res = retrain_ranker(events, model_dir=model_dir,
                              now=time.time() if now is None else now, **kwargs)
@@ -951,7 +932,7 @@ def retrain_ranker_from_es(es: Elasticsearch, *, events_alias: str, model_dir: P
 
 __all__ = [
     "RankingGroup", "Snapshot", "data_hash", "decay_weight", "evaluate", "event_time",
-    "learner_for", "load_events", "merge_events", "ndcg_at_k", "paused_gc", "ranking_groups",
+    "learner_for", "load_events", "merge_events", "ndcg_at_k", "ranking_groups",
     "rebuild_and_swap", "rebuild_posteriors", "retrain_ranker", "retrain_ranker_from_es",
     "should_promote", "snapshot_posteriors", "state_fields", "stream_id_key", "swap_posteriors",
     "time_split",

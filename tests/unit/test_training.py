@@ -380,28 +380,3 @@ def test_interrupted_promotion_is_completed_not_duplicated(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("rescorer.v*.json")) == [
         "rescorer.v1.json", "rescorer.v2.json", "rescorer.v3.json"]
 
-
-# -- paused_gc: the batch jobs decode whole logs with the collector paused ----------------------
-def test_paused_gc_pauses_the_collector_and_restores_its_state():
-    import gc
-
-    from orchestrator.training import paused_gc
-
-    was = gc.isenabled()
-    try:
-        gc.enable()
-        with paused_gc():
-            assert not gc.isenabled()
-            with paused_gc():  # nested: the inner block does not resume it early
-                pass
-            assert not gc.isenabled()
-        assert gc.isenabled()
-        with pytest.raises(RuntimeError), paused_gc():
-            raise RuntimeError("a failing job")
-        assert gc.isenabled()  # resumed on the way out of a failure too
-        gc.disable()
-        with paused_gc():
-            pass
-        assert not gc.isenabled()  # a collector that was off stays off
-    finally:
-        (gc.enable if was else gc.disable)()
