@@ -228,28 +228,71 @@ def test_baseline_subset_propensities_are_exact():
 
 
 def test_posterior_cache_recomputes_only_changed_components(monkeypatch):
-    """A refresh reloads every arm; only components whose ``A`` changed pay the d x d inverse
-    again (a moved pooled prior only changes the mean), and the cached posteriors equal
-    freshly computed ones."""
+    """A refresh reloads every arm; only components whose ``A`` changed pay the d x d
+    factorization again (a moved pooled prior only changes the mean), and the cached
+    posteriors equal freshly computed ones."""
     store = InMemoryBanditStore(dim=FEAT.dim)
     sel = LinearThompsonSelector(store, refresh_interval_s=0, random_state=0)
     train(sel, rounds=5)
     sel.refresh(ARMS)                       # the last partial_fit changed some arms
     calls = []
-    real_inv = np.linalg.inv
-    monkeypatch.setattr(np.linalg, "inv", lambda m: calls.append(1) or real_inv(m))
+    real = np.linalg.cholesky
+    monkeypatch.setattr(np.linalg, "cholesky", lambda m: calls.append(1) or real(m))
     sel.refresh(ARMS)
     assert calls == []                      # nothing changed since the last select
     sel.partial_fit(KNOWN, [ArmReward("lexical", "lexical.v1", 1.0, 1.0, LEX.action_features)])
     sel.refresh(ARMS)
     n_comps = len(sel._components(ARMS))
     assert 0 < len(calls) < n_comps         # the updated arm and its pooled components
-    monkeypatch.setattr(np.linalg, "inv", real_inv)
+    monkeypatch.setattr(np.linalg, "cholesky", real)
     fresh = LinearThompsonSelector(store, refresh_interval_s=0, random_state=0)
     fresh.refresh(ARMS)
     for comp, post in fresh.posteriors_.items():
         np.testing.assert_array_equal(sel.posteriors_[comp].mu, post.mu)
-        np.testing.assert_array_equal(sel.posteriors_[comp].cov, post.cov)
+        np.testing.assert_array_equal(sel.posteriors_[comp].chol, post.chol)
+
+
+def test_posterior_from_the_factor_equals_the_dense_inverse():
+    """The Cholesky route (mean by two triangular solves, a draw's variance by one solve on
+    the sparse context) gives the numbers of the textbook dense form: ``M = lam I + A``,
+    ``mu = M^-1 (b + lam prior)``, ``var = v^2 x^T M^-1 x``, and the selector's draws."""
+    store = InMemoryBanditStore(dim=FEAT.dim)
+    sel = LinearThompsonSelector(store, refresh_interval_s=0, random_state=0, ridge=0.7,
+                                 exploration=0.4)
+    train(sel, rounds=30)
+    sel.refresh(ARMS)
+    stats = store.load_linear(sel._components(ARMS))
+    ctx = KNOWN
+    idx, x = np.asarray(ctx.indices), np.asarray(ctx.values)
+    dense = np.zeros(FEAT.dim)
+    dense[idx] = x
+    for a in ARMS:
+        post, st = sel.posteriors_[a.component], stats[a.component]
+        inv = np.linalg.inv(0.7 * np.eye(FEAT.dim) + st.A)
+        pooled = [sel.posteriors_[c].mu for c in a.pooled_components]
+        prior = np.mean(pooled, axis=0)
+        np.testing.assert_allclose(post.mu, inv @ (st.b + 0.7 * prior), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(post.cov, 0.16 * inv, rtol=1e-9, atol=1e-12)
+        assert post.variance(idx, x) == pytest.approx(0.16 * dense @ inv @ dense, rel=1e-9)
+    assert stats[ARMS[0].component].n > 0    # trained: A is not the prior's zero
+    # Repeated indices add up, as a dense vector would.
+    p0 = sel.posteriors_[ARMS[0].component]
+    twice = p0.variance(np.array([1, 1]), np.array([0.5, 0.25]))
+    assert twice == pytest.approx(p0.variance(np.array([1]), np.array([0.75])))
+    mean, draws = sel._draws(ctx, ARMS, 4000)
+    ref = [float(sel.posteriors_[a.component].mu @ dense) for a in ARMS]
+    np.testing.assert_allclose(mean, ref, rtol=1e-12, atol=1e-12)
+    sds = [np.sqrt(sel.posteriors_[a.component].variance(idx, x)) for a in ARMS]
+    np.testing.assert_allclose(draws.std(axis=0), sds, rtol=0.06)
+
+
+def test_indefinite_statistics_fall_back_to_the_nearest_definite_factor():
+    from orchestrator.selection import _cholesky
+    m = np.array([[1.0, 2.0], [2.0, 1.0]])   # eigenvalues 3 and -1: no Cholesky factor
+    L = _cholesky(m)
+    assert np.all(np.isfinite(L)) and np.allclose(np.triu(L, 1), 0)
+    w = np.linalg.eigvalsh(L @ L.T)
+    assert w.min() > 0 and w.max() == pytest.approx(3.0)
 
 
 def test_uniform_share_mixes_subsets_and_logs_the_mixture_propensity():
