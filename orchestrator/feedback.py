@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from .bandit_state import STATS_LUA, RedisBanditStore, StatUpdate
-from .decoding import loads
+from .decoding import dumps, loads
 from .errors import ServiceUnavailableError, UnknownRequestError
 from .redis_client import Breaker, guarded_read
 
@@ -57,17 +57,16 @@ return 1
 """
 
 
-def compact_impression(impression: Mapping[str, Any]) -> str:
+def compact_impression(impression: Mapping[str, Any]) -> bytes:
     """The impression's stream entry also carries this small JSON (field ``mem``): query key,
     time, request id and the shown ids with their display positions, so incremental consumers
     (the memory updater) need not parse the full event, whose shown list carries every item's
     features and provenance (~9 KB for 10 items; its ``json.loads`` alone capped them at a few
     thousand events/s)."""
-    return json.dumps({"request_id": impression.get("request_id"),
-                       "query_key": impression.get("query_key"), "ts": impression.get("ts"),
-                       "shown": [[s["id"], s["rank"]] for s in impression.get("shown") or ()],
-                       **({"degraded": impression["degraded"]} if impression.get("degraded") else {}),
-                       }, separators=(",", ":"))
+    return dumps({"request_id": impression.get("request_id"),
+                  "query_key": impression.get("query_key"), "ts": impression.get("ts"),
+                  "shown": [[s["id"], s["rank"]] for s in impression.get("shown") or ()],
+                  **({"degraded": impression["degraded"]} if impression.get("degraded") else {})})
 
 
 class FeedbackLog:
@@ -113,10 +112,10 @@ class FeedbackLog:
         rid = impression["request_id"]
         try:
             pipe = self.client.pipeline(transaction=True)
-            pipe.set(self.impression_key(rid), json.dumps(impression, separators=(",", ":")),
+            pipe.set(self.impression_key(rid), dumps(impression),
                      ex=self.impression_ttl_s)
             pipe.xadd(self.store.events_key,
-                      {"type": "impression", "data": json.dumps(event, separators=(",", ":")),
+                      {"type": "impression", "data": dumps(event),
                        "mem": compact_impression(impression)},
                       maxlen=self.stream_maxlen, approximate=True)
             self.store.incr_impressions(executed, pipe)
@@ -137,8 +136,7 @@ class FeedbackLog:
         keys = [self.impression_key(rid), self.store.events_key,
                 self.store.key("arms", "impressions"), self.store.meta_key,
                 self.store.outcome_key(rid), *stat_keys]
-        args = [json.dumps(impression, separators=(",", ":")), self.impression_ttl_s,
-                json.dumps(event, separators=(",", ":")), self.stream_maxlen, payload,
+        args = [dumps(impression), self.impression_ttl_s, dumps(event), self.stream_maxlen, payload,
                 len(executed), *executed, compact_impression(impression)]
         try:
             return bool(self._replay_script(keys=keys, args=args))
