@@ -309,13 +309,14 @@ class _ThompsonBase:
 def _cholesky(m: np.ndarray) -> np.ndarray:
     """Lower Cholesky factor of the symmetric ``m = lam I + A``. ``A`` is a sum of
     ``w x x^T`` with ``w > 0`` and ``lam > 0``, so ``m`` is positive definite; should rounding
-    in the store ever make it numerically indefinite, its eigenvalues are clipped to
-    ``lam``-relative tiny ones first rather than failing the search."""
+    in the store ever make it numerically indefinite, its eigenvalues are first raised to at
+    least 1e-10 of the largest one (the nearest definite matrix, up to that floor) rather than
+    failing the search."""
     try:
         return np.linalg.cholesky(m)
     except np.linalg.LinAlgError:
         vals, vecs = np.linalg.eigh((m + m.T) / 2)
-        floor = max(float(np.max(np.abs(vals))) * 1e-12, 1e-300)
+        floor = max(float(np.max(np.abs(vals))) * 1e-10, 1e-300)
         return np.linalg.cholesky((vecs * np.maximum(vals, floor)) @ vecs.T)
 
 
