@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,22 +58,24 @@ def dumps(obj: Any) -> bytes:
     """Compact JSON through orjson; NaN and infinities are written as ``null`` (what the
     event mover and Elasticsearch make of them anyway, and valid JSON, which the standard
     library's ``NaN`` is not). The standard library (same compact separators, NaN as
-    ``null`` too) writes what orjson refuses: integers past 64 bits, keys that are not
-    strings."""
+    ``null`` too, :func:`finite`) writes what orjson refuses: integers past 64 bits, keys
+    that are not strings."""
     try:
         return orjson.dumps(obj)
     except TypeError:
-        return json.dumps(_nan_to_none(obj), separators=(",", ":")).encode()
+        return json.dumps(finite(obj), separators=(",", ":")).encode()
 
 
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (lists and tuples as lists, dicts
+    rebuilt): Elasticsearch refuses them, and JSON has no token for them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
-__all__ = ["dumps", "loads", "paused_gc"]
+__all__ = ["dumps", "finite", "loads", "paused_gc"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import orjson
 import redis
 from elasticsearch import Elasticsearch, helpers
 
+from .decoding import finite
 from .ingest import load_mapping
 
 logger = logging.getLogger(__name__)
@@ -78,25 +78,13 @@ def _lifted(entry_id: str, type_: str, data: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinities as ``null``: Elasticsearch refuses them, and an entry
-    it refuses would stay pending for ever."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def event_document(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
     """The events-index document of one stream entry (training fields lifted to the top,
     the whole event under ``payload``)."""
     data, exact = _parse(fields.get("data"))
     doc = _lifted(entry_id, fields.get("type", "unknown"), data)
     doc["payload"] = data
-    return doc if exact else _finite(doc)
+    return doc if exact else finite(doc)
 
 
 def event_source(entry_id: str, fields: Mapping[str, str | bytes]) -> bytes:
@@ -109,7 +97,7 @@ def event_source(entry_id: str, fields: Mapping[str, str | bytes]) -> bytes:
     doc = _lifted(entry_id, type_.decode() if isinstance(type_, bytes) else type_, data)
     if not exact:  # not what orjson reads (NaN, integers past 64 bits, not an object)
         doc["payload"] = data
-        return json.dumps(_finite(doc), default=str, ensure_ascii=False, allow_nan=False,
+        return json.dumps(finite(doc), default=str, ensure_ascii=False, allow_nan=False,
                           separators=(",", ":")).encode("utf-8", "surrogatepass")
     head = orjson.dumps(doc, default=str)
     body = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
