@@ -622,15 +622,19 @@ def _linear_layout(dim: int) -> dict[Any, int]:
 
 @lru_cache(maxsize=256)
 def _field_index(names: bytes | str, dim: int) -> np.ndarray:
-    """Flat indices (``-1`` outside the layout) of the fields of a stat hash, given as its
-    field names joined by ``"\\x00"``. Cached: a component's hash keeps its field order
-    while it gains no new field, so a refresh looks its thousands of names up once (the
-    cache holds the orders of about 256 hash states, each a few tens of KB)."""
-    layout = _linear_layout(dim)
-    parts = names.split(b"\x00" if isinstance(names, bytes) else "\x00")
-    idx = np.fromiter((layout.get(k, -1) for k in parts), np.intp, len(parts))
+    """:func:`_field_indices` of a stat hash's field names joined by ``"\\x00"``, cached: a
+    component's hash keeps its field order while it gains no new field, so a refresh looks
+    its thousands of names up once. The cache holds 256 field orders; a full one at ``dim``
+    119 is about 120 KB (the joined names and the index array), so up to about 30 MB."""
+    idx = _field_indices(names.split(b"\x00" if isinstance(names, bytes) else "\x00"), dim)
     idx.setflags(write=False)
     return idx
+
+
+def _field_indices(names: Sequence[Any], dim: int) -> np.ndarray:
+    """Flat indices of field ``names`` in :func:`_linear_layout` (``-1`` outside it)."""
+    layout = _linear_layout(dim)
+    return np.fromiter((layout.get(k, -1) for k in names), np.intp, len(names))
 
 
 def _floats(values: list[Any]) -> np.ndarray:
@@ -659,8 +663,7 @@ def _parse_linear(h: dict[Any, Any], dim: int) -> LinearStats:
         except TypeError:  # names of mixed types
             idx = None
         if idx is None or len(idx) != len(keys):  # ... or a name holding the separator
-            layout = _linear_layout(dim)
-            idx = np.fromiter((layout.get(k, -1) for k in keys), np.intp, len(keys))
+            idx = _field_indices(keys, dim)
         vals = _floats(list(h.values()))
         keep = idx >= 0
         if not keep.all():
